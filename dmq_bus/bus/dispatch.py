@@ -1,0 +1,370 @@
+"""
+The bus: routes received KDMQ requests to peers by channel, and sends KDMQ
+requests to one node or to every active node, on the wire exactly as
+Kamailio 5.6.3's dmq module does.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections import Counter
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import attrs
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from dmq_bus import __version__
+from dmq_bus.bus.nodelist import DEFAULT_MAX_NODES, NodeList
+from dmq_bus.bus.values import (
+    BroadcastResult,
+    Delivery,
+    DeliveryFailed,
+    DMQMessage,
+    MembershipEvent,
+    Node,
+    NodeStatus,
+    PeerResponse,
+    isIPLiteral,
+)
+from dmq_bus.interfaces import IDMQBus, IDMQPeer, ISIPClient, ISIPRequestHandler
+from dmq_bus.sip.address import Origin
+from dmq_bus.sip.errors import SIPParseError
+from dmq_bus.sip.message import Headers, Request, Response, makeResponse
+from dmq_bus.sip.transaction import TooManyTransactions
+from dmq_bus.sip.uri import SIPURI
+
+KDMQ = "KDMQ"
+DEFAULT_CHANNEL = "notification_peer"
+USER_AGENT = f"dmq-bus/{__version__}"
+
+
+@attrs.frozen
+class BusConfig:
+    """
+    How a node takes part in a bus. Names follow Kamailio's dmq modparams
+    where there is one.
+
+    @ivar serverAddress: this node's own URI (C{sip:ip:port}); its identity
+        on the wire. Must be an IP literal with an explicit port.
+    @ivar notificationAddresses: the seeds to join through; they start
+        C{pending} and are never removed (a failed seed goes back to pending).
+    @ivar channel: the membership channel (Kamailio's C{notification_channel}).
+    @ivar pingInterval: seconds between pings to every other node.
+    @ivar pingTimeout: seconds a ping (or join) waits for its answer before it
+        counts as failed (Kamailio's C{fr_timer}, 30 s by default there).
+    @ivar requestTimeout: seconds an application KDMQ waits for its answer
+        (None: the SIP default, 64·T1 = 32 s).
+    @ivar leaveTimeout: on stop, seconds to wait for the nodes to acknowledge
+        that this node leaves.
+    @ivar userAgent: the C{User-Agent} of our requests and C{Server} of our
+        responses (None: neither header is sent).
+    @ivar maxNodes: how many nodes the list holds (see L{DEFAULT_MAX_NODES}).
+    @ivar removedHold: seconds during which a node removed for not answering
+        cannot be re-added from other nodes' lists, only by contacting us
+        itself. Covers the time a Kamailio 5.6.3 node keeps listing a dead
+        node (2 × fr_timer + ping_interval: 120 s with its defaults).
+    """
+
+    serverAddress: SIPURI = attrs.field()
+    notificationAddresses: tuple[SIPURI, ...] = ()
+    channel: str = DEFAULT_CHANNEL
+    pingInterval: float = 5.0
+    pingTimeout: float = 5.0
+    requestTimeout: float | None = None
+    leaveTimeout: float = 2.0
+    userAgent: str | None = USER_AGENT
+    maxNodes: int = DEFAULT_MAX_NODES
+    removedHold: float = 120.0
+
+    @serverAddress.validator
+    def _checkServerAddress(self, attribute: object, value: SIPURI) -> None:
+        if value.scheme != "sip":
+            raise ValueError(f"server address must be a sip: URI, not {value}")
+        if not isIPLiteral(value.host):
+            raise ValueError(f"server address host must be an IP literal, not {value.host!r}")
+        if value.port is None:
+            raise ValueError(f"server address needs an explicit port: {value}")
+
+
+class _Identifiers:
+    """Cheap unique Call-IDs and tags for our requests."""
+
+    def __init__(self, host: str) -> None:
+        self._counter = int.from_bytes(secrets.token_bytes(6), "big")
+        self._suffix = f"-{os.getpid()}@{host}"
+        self._tagPrefix = secrets.token_hex(8)
+
+    def next(self) -> tuple[str, str]:
+        self._counter += 1
+        return (
+            f"{self._counter:016x}{self._suffix}",
+            f"{self._tagPrefix}-{self._counter & 0xFFFFFFFF:08x}",
+        )
+
+
+def _isKnownDMQBus(headers: Headers) -> bool:
+    agent = headers.get("user-agent")
+    return agent is not None and agent.startswith("dmq-bus")
+
+
+@implementer(IDMQBus, ISIPRequestHandler)
+class DMQBus:
+    """
+    One node's view of the bus: its node list, its peers, and the KDMQ
+    requests it sends and answers.
+    """
+
+    log = Logger()
+
+    def __init__(self, config: BusConfig, client: ISIPClient, clock: IReactorTime) -> None:
+        self.config = config
+        self.client = client
+        self.clock = clock
+        self.counters: Counter[str] = Counter()
+        self.nodeList = NodeList(
+            Node.fromURI(config.serverAddress, NodeStatus.ACTIVE),
+            maxNodes=config.maxNodes,
+            counters=self.counters,
+            clock=clock,
+        )
+        self._peers: dict[str, IDMQPeer] = {}
+        self._ids = _Identifiers(config.serverAddress.host)
+        self._toTagPrefix = secrets.token_hex(12)
+        self._toTagCounter = 0
+        self._serverHeader: tuple[tuple[str, str], ...] = (
+            (("Server", config.userAgent),) if config.userAgent else ()
+        )
+
+    # -- IDMQBus
+
+    @property
+    def localNode(self) -> Node:
+        """This node's own entry."""
+        return self.nodeList.local
+
+    def registerPeer(self, peer: IDMQPeer) -> None:
+        channel = peer.channel
+        if channel in self._peers:
+            raise ValueError(f"channel {channel!r} already has a peer")
+        self._peers[channel] = peer
+
+    def unregisterPeer(self, channel: str) -> None:
+        self._peers.pop(channel, None)
+
+    def peers(self) -> list[IDMQPeer]:
+        """The registered peers, in registration order."""
+        return list(self._peers.values())
+
+    def nodes(self) -> Sequence[Node]:
+        return self.nodeList.all()
+
+    def findNode(self, uri: str) -> Node | None:
+        try:
+            return self.nodeList.find(SIPURI.parse(uri))
+        except SIPParseError:
+            return None
+
+    def addMembershipObserver(
+        self, observer: Callable[[MembershipEvent], None]
+    ) -> Callable[[], None]:
+        return self.nodeList.addObserver(observer)
+
+    def buildRequest(
+        self, channel: str, node: Node, body: bytes, contentType: str, maxForwards: int
+    ) -> Request:
+        """
+        A KDMQ request for C{channel} to C{node} with Kamailio 5.6.3's
+        header order (the Via is added by the transaction layer).
+        """
+        target = str(node.channelURI(channel))
+        callID, tag = self._ids.next()
+        fields = [
+            ("To", f"<{target}>"),
+            ("From", f"<{self.localNode.channelURI(channel)}>;tag={tag}"),
+            ("CSeq", "10 KDMQ"),
+            ("Call-ID", callID),
+            ("Content-Length", str(len(body))),
+        ]
+        if self.config.userAgent:
+            fields.append(("User-Agent", self.config.userAgent))
+        fields.append(("Max-Forwards", str(maxForwards)))
+        fields.append(("Content-Type", contentType))
+        return Request(
+            method=KDMQ,
+            uri=node.channelURI(channel),
+            headers=Headers(tuple(fields)),
+            body=body,
+        )
+
+    def send(
+        self,
+        channel: str,
+        node: Node,
+        body: bytes,
+        contentType: str,
+        maxForwards: int = 1,
+        timeout: float | None = None,
+    ) -> Deferred[Delivery]:
+        request = self.buildRequest(channel, node, body, contentType, maxForwards)
+        self.counters[f"out.requests.{channel}"] += 1
+        d = self.client.request(
+            request, node.address, timeout if timeout is not None else self.config.requestTimeout
+        )
+
+        def delivered(response: Response) -> Delivery:
+            self.counters[f"out.responses.{channel}.{response.code}"] += 1
+            return Delivery(
+                node=node,
+                code=response.code,
+                reason=response.reason,
+                body=response.body,
+                contentType=response.headers.get("content-type"),
+            )
+
+        def failed(failure: Failure) -> Failure:
+            if failure.check(TooManyTransactions):
+                code, reason = 503, "Too many open transactions"
+            else:
+                code, reason = 408, "Request Timeout"
+            self.counters[f"out.failures.{channel}.{code}"] += 1
+            return Failure(DeliveryFailed(node, code, reason))
+
+        return d.addCallbacks(delivered, failed)
+
+    def broadcast(
+        self,
+        channel: str,
+        body: bytes,
+        contentType: str,
+        exclude: Node | None = None,
+        maxForwards: int = 1,
+        timeout: float | None = None,
+    ) -> Deferred[BroadcastResult]:
+        excluded = exclude.key if exclude is not None else None
+        targets = [n for n in self.nodeList.active() if n.key != excluded]
+        sends = [self.send(channel, n, body, contentType, maxForwards, timeout) for n in targets]
+        if not sends:
+            return defer.succeed(BroadcastResult())
+
+        def collect(results: list[tuple[bool, Any]]) -> BroadcastResult:
+            delivered = []
+            failed = []
+            for node, (ok, value) in zip(targets, results):
+                if ok:
+                    delivered.append(value)
+                else:
+                    failed.append((node, value))
+            return BroadcastResult(tuple(delivered), tuple(failed))
+
+        return defer.DeferredList(sends, consumeErrors=True).addCallback(collect)
+
+    # -- ISIPRequestHandler
+
+    def _toTag(self) -> str:
+        self._toTagCounter += 1
+        return f"{self._toTagPrefix}.{self._toTagCounter & 0xFFFFFFFF:08x}"
+
+    def _respond(
+        self,
+        request: Request,
+        code: int,
+        reason: str,
+        body: bytes = b"",
+        contentType: str | None = None,
+        extra: tuple[tuple[str, str], ...] = (),
+    ) -> Response:
+        return makeResponse(
+            request.headers,
+            code,
+            reason,
+            toTag=self._toTag(),
+            body=body,
+            contentType=contentType,
+            extra=extra + self._serverHeader,
+        )
+
+    def requestReceived(self, request: Request, origin: Origin) -> Response | Deferred[Response]:
+        """
+        Answer a request: KDMQ goes to the peer of its channel (the
+        Request-URI user); OPTIONS gets 200; other methods 405.
+        """
+        if request.method != KDMQ:
+            if request.method == "OPTIONS":
+                return self._respond(request, 200, "OK")
+            self.counters["in.method_not_allowed"] += 1
+            return self._respond(
+                request, 405, "Method Not Allowed", extra=(("Allow", "KDMQ, OPTIONS"),)
+            )
+        channel = request.uri.user
+        if not channel:
+            self.counters["in.no_channel"] += 1
+            return self._respond(request, 400, "Missing Peer ID In Request-URI")
+        peer = self._peers.get(channel)
+        if peer is None:
+            self.counters["in.unknown_channel"] += 1
+            return self._respond(request, 404, "User Not Found")
+        self.counters[f"in.requests.{channel}"] += 1
+        message = DMQMessage(
+            channel=channel,
+            body=request.body,
+            contentType=request.headers.get("content-type"),
+            sender=self._sender(request),
+            maxForwards=request.headers.maxForwards(),
+            origin=origin,
+            request=request,
+        )
+        try:
+            result = peer.messageReceived(message)
+        except Exception:
+            return self._peerFailed(Failure(), request, channel)
+        if isinstance(result, Deferred):
+            return result.addCallbacks(
+                lambda answer: self._answer(answer, request, channel),
+                lambda failure: self._peerFailed(failure, request, channel),
+            )
+        return self._answer(result, request, channel)
+
+    def _sender(self, request: Request) -> Node | None:
+        try:
+            sender = request.headers.nameAddr("from")
+        except SIPParseError:
+            return None
+        return None if sender is None else self.nodeList.find(sender.uri)
+
+    def _answer(self, answer: PeerResponse, request: Request, channel: str) -> Response:
+        if not isinstance(answer, PeerResponse):
+            return self._peerFailed(
+                Failure(TypeError(f"peer answered {answer!r}, not a PeerResponse")),
+                request,
+                channel,
+            )
+        code, reason = answer.code, answer.reason
+        if (
+            code == 200
+            and answer.body
+            and channel != self.config.channel
+            and not _isKnownDMQBus(request.headers)
+        ):
+            # Kamailio 5.6.3 parses the body of a 200 to a cfg-channel request
+            # as a node list and locks up on a line it cannot parse: never send it.
+            code, reason = 202, "Accepted"
+            self.counters["out.downgraded_200_with_body"] += 1
+        self.counters[f"in.responses.{channel}.{code}"] += 1
+        return self._respond(request, code, reason, answer.body, answer.contentType)
+
+    def _peerFailed(self, failure: Failure, request: Request, channel: str) -> Response:
+        self.counters[f"in.peer_errors.{channel}"] += 1
+        self.log.failure(
+            "peer for channel {channel} failed on call_id {call_id}",
+            failure,
+            channel=channel,
+            call_id=request.headers.get("call-id"),
+        )
+        return self._respond(request, 500, "Server Internal Error")

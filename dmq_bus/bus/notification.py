@@ -1,0 +1,242 @@
+"""
+The notification peer: DMQ's membership protocol (join, rebroadcast,
+pings, failure handling and a graceful leave) as Kamailio 5.6.3 speaks it.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from dmq_bus.bus.dispatch import DMQBus
+from dmq_bus.bus.nodelist import parseNodeLines
+from dmq_bus.bus.values import (
+    Delivery,
+    DeliveryFailed,
+    DMQMessage,
+    Node,
+    NodeKey,
+    NodeStatus,
+    PeerResponse,
+    nodeKey,
+)
+from dmq_bus.interfaces import IDMQPeer
+from dmq_bus.sip.errors import SIPParseError
+
+TEXT_PLAIN = "text/plain"
+JOIN_MAX_FORWARDS = 2
+"""Max-Forwards of a join: the seed rebroadcasts once, with budget 1."""
+PING_MAX_FORWARDS = 1
+
+
+@implementer(IDMQPeer)
+class NotificationPeer:
+    """
+    Keeps the node list of one bus node in step with the others.
+
+    State machine of a non-local node R, as in Kamailio 5.6.3:
+    a line for R in a received list sets its status unless R is disabled;
+    a 200 to any notification sent to R makes R active (even from
+    disabled); a failure (no answer within C{pingTimeout}, or a 408) makes R
+    pending if R is a configured seed (and, unlike 5.6.3, lets only R's own
+    200 make it active again, so that gossip cannot flap it), removes R if R was already disabled
+    when that request was sent, and disables R otherwise. Other answers
+    change nothing.
+    """
+
+    log = Logger()
+    description = "membership: node lists, joins and pings"
+
+    def __init__(self, bus: DMQBus, clock: IReactorTime) -> None:
+        self.bus = bus
+        self.clock = clock
+        self.channel = bus.config.channel
+        self.nodeList = bus.nodeList
+        self.counters = bus.counters
+        local = self.nodeList.local.key
+        self._seeds = [
+            Node.fromURI(uri, NodeStatus.PENDING)
+            for uri in bus.config.notificationAddresses
+            if Node.fromURI(uri).key != local
+        ]
+        self._seedKeys = {seed.key for seed in self._seeds}
+        self._outstanding: set[NodeKey] = set()
+        self._loop: LoopingCall | None = None
+        self.joined = False
+        self.leaving = False
+
+    # -- life cycle
+
+    def start(self) -> None:
+        """Add the seeds, send the join, and ping every C{pingInterval}."""
+        self._addSeeds()
+        self.join()
+        self._loop = LoopingCall(self.ping)
+        self._loop.clock = self.clock
+        self._loop.start(self.bus.config.pingInterval, now=False).addErrback(
+            lambda f: self.log.failure("ping loop died", f)
+        )
+
+    def _addSeeds(self) -> None:
+        for seed in self._seeds:
+            self.nodeList.add(seed)
+
+    def join(self) -> None:
+        """Send our list to every other node (the seeds at start) with Max-Forwards 2."""
+        for node in self.nodeList.others():
+            self._notify(node, JOIN_MAX_FORWARDS, tracked=True)
+
+    def ping(self) -> None:
+        """
+        Send our list to every other node, whatever its status; a node that
+        still has a ping outstanding is skipped. Alone (no other node): re-add
+        the seeds and join again, and run the peers' join hooks again on the
+        next exchange.
+        """
+        if self.leaving:
+            return
+        others = self.nodeList.others()
+        if not others:
+            self.joined = False
+            if not self._seeds:
+                self.log.debug("alone on the bus and no notification address")
+                return
+            self._addSeeds()
+            self.join()
+            return
+        for node in others:
+            if node.key not in self._outstanding:
+                self._notify(node, PING_MAX_FORWARDS, tracked=True)
+
+    def leave(self) -> Deferred[None]:
+        """
+        Announce to every other node that this node is leaving (our own line
+        says C{status=disabled}, which Kamailio 5.6.3 applies at once), wait
+        at most C{leaveTimeout} for their answers, and stop pinging. From now
+        on notifications are answered 503, so that nobody marks us active again.
+        """
+        self.leaving = True
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        body = self.nodeList.body(announce=NodeStatus.DISABLED)
+        sends = [
+            self.bus.send(
+                self.channel,
+                node,
+                body,
+                TEXT_PLAIN,
+                PING_MAX_FORWARDS,
+                timeout=self.bus.config.leaveTimeout,
+            )
+            for node in self.nodeList.others()
+        ]
+        self.counters["notification.leave_sent"] += len(sends)
+        return defer.DeferredList(sends, consumeErrors=True).addCallback(lambda _: None)
+
+    def stop(self) -> None:
+        """Stop pinging (without announcing anything)."""
+        self.leaving = True
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+
+    # -- sending notifications and judging their answers
+
+    def _notify(self, node: Node, maxForwards: int, *, tracked: bool) -> None:
+        statusAtSend = node.status
+        key = node.key
+        if tracked:
+            self._outstanding.add(key)
+        d = self.bus.send(
+            self.channel,
+            node,
+            self.nodeList.body(),
+            TEXT_PLAIN,
+            maxForwards,
+            timeout=self.bus.config.pingTimeout,
+        )
+        d.addCallbacks(self._answered, self._failed, errbackArgs=(node, statusAtSend))
+        if tracked:
+            d.addBoth(lambda _: self._outstanding.discard(key))
+        d.addErrback(lambda f: self.log.failure("handling a notification answer failed", f))
+
+    def _answered(self, delivery: Delivery) -> None:
+        if self.leaving:
+            return
+        if delivery.code == 200:
+            self.nodeList.release(delivery.node.key)
+            self.nodeList.setStatus(delivery.node.key, NodeStatus.ACTIVE)
+            self.nodeList.merge(parseNodeLines(delivery.body, self.counters))
+            self._runJoinHooks()
+        elif delivery.code == 408:
+            self._nodeFailed(delivery.node, delivery.node.status)
+        else:
+            self.counters[f"notification.answers_ignored.{delivery.code}"] += 1
+
+    def _failed(self, failure: Failure, node: Node, statusAtSend: NodeStatus) -> None:
+        if self.leaving:
+            return
+        error = failure.value
+        if isinstance(error, DeliveryFailed) and error.code == 408:
+            self._nodeFailed(node, statusAtSend)
+        else:
+            self.counters["notification.local_failures"] += 1
+
+    def _nodeFailed(self, node: Node, statusAtSend: NodeStatus) -> None:
+        key = node.key
+        if key in self._seedKeys:
+            # unlike Kamailio, gossip may not make it active again: only its own answer
+            self.nodeList.hold(key)
+            self.nodeList.setStatus(key, NodeStatus.PENDING)
+        elif statusAtSend is NodeStatus.DISABLED:
+            if self.nodeList.remove(key, hold=self.bus.config.removedHold) is not None:
+                self.log.info("node {node} removed: no answer while disabled", node=str(node))
+        elif self.nodeList.setStatus(key, NodeStatus.DISABLED) is not None:
+            self.log.info("node {node} disabled: no answer", node=str(node))
+
+    def _runJoinHooks(self) -> None:
+        if self.joined:
+            return
+        self.joined = True
+        self.counters["notification.joins"] += 1
+        for peer in self.bus.peers():
+            if peer is self:
+                continue
+            try:
+                peer.busJoined()
+            except Exception:
+                self.log.failure("join hook of peer {channel} failed", channel=peer.channel)
+
+    # -- IDMQPeer
+
+    def messageReceived(self, message: DMQMessage) -> PeerResponse:
+        """
+        Merge the sender's list; when it changed ours and the hop budget
+        (Max-Forwards − 1) allows, rebroadcast our list to every active node
+        first; then answer 200 with our list.
+        """
+        if self.leaving:
+            return PeerResponse(503, "Service Unavailable")
+        try:
+            sender = message.request.headers.nameAddr("from")
+        except SIPParseError:
+            sender = None
+        if sender is not None:
+            self.nodeList.forgive(nodeKey(sender.uri))
+        changed = self.nodeList.merge(parseNodeLines(message.body, self.counters))
+        if message.sender is not None:
+            self.nodeList.touch(message.sender.key, self.clock.seconds())
+        budget = (message.maxForwards or 0) - 1
+        if changed and budget > 0:
+            self.counters["notification.rebroadcasts"] += 1
+            for node in self.nodeList.active():
+                self._notify(node, budget, tracked=False)
+        self._runJoinHooks()
+        return PeerResponse(200, "OK", self.nodeList.body(), TEXT_PLAIN)
+
+    def busJoined(self) -> None:
+        """Nothing to do: this peer is what joins."""

@@ -1,0 +1,201 @@
+"""
+C{twistd dmq} / C{twist dmq}: command-line options and the service they make.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from twisted.application.service import IService
+from twisted.plugin import getPlugins
+from twisted.python import usage
+
+from dmq_bus.bus.dispatch import DEFAULT_CHANNEL, USER_AGENT, BusConfig
+from dmq_bus.bus.nodelist import DEFAULT_MAX_NODES
+from dmq_bus.interfaces import IDMQPeerFactory
+from dmq_bus.service import DMQService, NodeConfig
+from dmq_bus.sip.errors import SIPParseError
+from dmq_bus.sip.transaction import TimerPolicy, TransactionLimits
+from dmq_bus.sip.uri import SIPURI
+
+DEFAULT_SERVER_ADDRESS = "sip:127.0.0.1:5060"
+
+
+def _positive(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise ValueError("must be > 0")
+    return number
+
+
+def _positiveInt(value: str) -> int:
+    number = int(value)
+    if number <= 0:
+        raise ValueError("must be > 0")
+    return number
+
+
+def peerFactories() -> dict[str, IDMQPeerFactory]:
+    """Every installed peer factory (Twisted plugins), by name."""
+    import twisted.plugins
+
+    return {f.name: f for f in getPlugins(IDMQPeerFactory, twisted.plugins)}
+
+
+class Options(usage.Options):
+    """Options of a dmq-bus node; names follow Kamailio's dmq modparams."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Run one node of a DMQ bus, wire-compatible with Kamailio 5.6's dmq module. "
+        "With no options: a single-node bus on sip:127.0.0.1:5060 (UDP and TCP)."
+    )
+
+    optParameters = [
+        [
+            "server-address",
+            "s",
+            DEFAULT_SERVER_ADDRESS,
+            "This node's own URI, sip:IP:PORT[;transport=tcp]; it listens on UDP and TCP there.",
+        ],
+        [
+            "notification-channel",
+            None,
+            DEFAULT_CHANNEL,
+            "The membership channel (Kamailio's notification_channel).",
+        ],
+        ["ping-interval", None, 5.0, "Seconds between pings to every node.", _positive],
+        [
+            "ping-timeout",
+            None,
+            5.0,
+            "Seconds a ping waits for its answer before the node counts as failed.",
+            _positive,
+        ],
+        [
+            "request-timeout",
+            None,
+            None,
+            "Seconds an application message waits for its answer (default 64*T1 = 32).",
+            _positive,
+        ],
+        [
+            "leave-timeout",
+            None,
+            2.0,
+            "Seconds to wait for leave acknowledgements on stop.",
+            _positive,
+        ],
+        ["t1", None, 0.5, "SIP timer T1 (first UDP retransmission), seconds.", _positive],
+        [
+            "t2",
+            None,
+            4.0,
+            "SIP timer T2 (longest UDP retransmission interval), seconds.",
+            _positive,
+        ],
+        ["max-nodes", None, DEFAULT_MAX_NODES, "Most nodes the node list holds.", _positiveInt],
+        [
+            "max-transactions",
+            None,
+            TransactionLimits().maxClientTransactions,
+            "Most open outgoing requests; past it sends fail at once.",
+            _positiveInt,
+        ],
+        ["user-agent", None, USER_AGENT, "User-Agent/Server header text; empty for none."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self["notification-address"] = []
+        self["peer"] = []
+
+    def opt_notification_address(self, value: str) -> None:
+        """A seed to join through, sip:IP:PORT (repeatable)."""
+        self["notification-address"].append(value)
+
+    opt_n = opt_notification_address
+
+    def opt_peer(self, value: str) -> None:
+        """Load peer NAME[=OPTIONS] from the installed peer plugins (repeatable)."""
+        self["peer"].append(value)
+
+    def opt_list_peers(self) -> None:
+        """List the installed peers and exit."""
+        for name, factory in sorted(peerFactories().items()):
+            print(f"{name:12} {factory.description}")
+        raise SystemExit(0)
+
+    def postOptions(self) -> None:
+        self["serverAddress"] = _parseAddress("--server-address", self["server-address"])
+        self["notificationAddresses"] = tuple(
+            _parseAddress("--notification-address", a) for a in self["notification-address"]
+        )
+        try:
+            self["timers"] = TimerPolicy(t1=self["t1"], t2=self["t2"])
+        except ValueError as e:
+            raise usage.UsageError(f"--t1/--t2: {e}") from None
+        try:
+            self["busConfig"] = BusConfig(
+                serverAddress=self["serverAddress"],
+                notificationAddresses=self["notificationAddresses"],
+                channel=self["notification-channel"],
+                pingInterval=self["ping-interval"],
+                pingTimeout=self["ping-timeout"],
+                requestTimeout=self["request-timeout"],
+                leaveTimeout=self["leave-timeout"],
+                userAgent=self["user-agent"] or None,
+                maxNodes=self["max-nodes"],
+            )
+        except ValueError as e:
+            raise usage.UsageError(f"--server-address: {e}") from None
+        if not self["notification-channel"] or not _isToken(self["notification-channel"]):
+            raise usage.UsageError("--notification-channel must be a non-empty token")
+        factories = peerFactories()
+        self["peerSpecs"] = [_splitPeer(spec, factories) for spec in self["peer"]]
+
+
+def _isToken(text: str) -> bool:
+    return all(c.isalnum() or c in "-_.!%*+`'~" for c in text)
+
+
+def _parseAddress(option: str, text: str) -> SIPURI:
+    try:
+        uri = SIPURI.parse(text)
+    except SIPParseError as e:
+        raise usage.UsageError(f"{option}: not a SIP URI: {text!r} ({e.reason})") from None
+    if uri.transport not in ("udp", "tcp"):
+        raise usage.UsageError(f"{option}: transport {uri.transport!r} is not supported (udp, tcp)")
+    return uri
+
+
+def _splitPeer(spec: str, factories: dict[str, IDMQPeerFactory]) -> tuple[IDMQPeerFactory, str]:
+    name, _, options = spec.partition("=")
+    factory = factories.get(name)
+    if factory is None:
+        known = ", ".join(sorted(factories)) or "none installed"
+        raise usage.UsageError(f"--peer: no peer named {name!r} (installed: {known})")
+    return factory, options
+
+
+def makeService(options: Options) -> IService:
+    """The L{DMQService} the options describe, with its peers registered."""
+    service = DMQService(
+        NodeConfig(
+            bus=options["busConfig"],
+            timers=options["timers"],
+            transactionLimits=TransactionLimits(maxClientTransactions=options["max-transactions"]),
+        )
+    )
+    registerPeers(service, options["peerSpecs"])
+    return service
+
+
+def registerPeers(service: DMQService, specs: Iterable[tuple[IDMQPeerFactory, str]]) -> None:
+    """Make and register one peer per C{(factory, options)}."""
+    for factory, peerOptions in specs:
+        try:
+            peer = factory.makePeer(service.bus, peerOptions)
+        except ValueError as e:
+            raise usage.UsageError(f"--peer {factory.name}: {e}") from None
+        service.bus.registerPeer(peer)

@@ -1,0 +1,5 @@
+"""Peers bundled with dmq-bus, found by C{--peer NAME} like any third-party peer."""
+
+from dmq_bus.peers.echo import EchoPeerFactory
+
+echo = EchoPeerFactory()
