@@ -197,7 +197,9 @@ class IDMQBus(Interface):
 class IDMQPeerFactory(Interface):
     """
     A plugin (found with C{twisted.plugin.getPlugins}) that makes a peer for
-    C{--peer NAME[=OPTIONS]}.
+    C{--peer NAME[=OPTIONS]}. Implementations also provide
+    C{twisted.plugin.IPlugin} and are instantiated in a module under
+    C{twisted/plugins/}.
     """
 
     name = Attribute("str: the name given to --peer.")

@@ -114,8 +114,6 @@ class Options(usage.Options):
         """A seed to join through, sip:IP:PORT (repeatable)."""
         self["notification-address"].append(value)
 
-    opt_n = opt_notification_address
-
     def opt_peer(self, value: str) -> None:
         """Load peer NAME[=OPTIONS] from the installed peer plugins (repeatable)."""
         self["peer"].append(value)

@@ -5,6 +5,7 @@ A probe for tests, benchmarks and operators.
 
 from __future__ import annotations
 
+from twisted.plugin import IPlugin
 from zope.interface import implementer
 
 from dmq_bus.bus.values import DMQMessage, PeerResponse
@@ -29,7 +30,7 @@ class EchoPeer:
         """Nothing to sync."""
 
 
-@implementer(IDMQPeerFactory)
+@implementer(IPlugin, IDMQPeerFactory)
 class EchoPeerFactory:
     """C{--peer echo[=CHANNEL]}: an L{EchoPeer} on C{CHANNEL} (default C{echo})."""
 

@@ -58,8 +58,9 @@ def canonicalName(name: str) -> str:
 
 def _buildIndex(fields: tuple[tuple[str, str], ...]) -> dict[str, list[int]]:
     index: dict[str, list[int]] = {}
+    cached = _canonicalCache.get
     for i, (name, _) in enumerate(fields):
-        key = canonicalName(name)
+        key = cached(name) or canonicalName(name)
         slot = index.get(key)
         if slot is None:
             index[key] = [i]
@@ -80,6 +81,17 @@ class Headers:
 
     def __attrs_post_init__(self) -> None:
         object.__setattr__(self, "_index", _buildIndex(self.fields))
+
+    @classmethod
+    def _prebuilt(cls, fields: tuple[tuple[str, str], ...], index: dict[str, list[int]]) -> Headers:
+        """
+        Headers from C{fields} and their index, built by the caller (the
+        parser builds it while reading the lines; this saves a second pass).
+        """
+        headers = object.__new__(cls)
+        object.__setattr__(headers, "fields", fields)
+        object.__setattr__(headers, "_index", index)
+        return headers
 
     @classmethod
     def of(cls, pairs: Iterable[tuple[str, str]]) -> Headers:
@@ -133,8 +145,11 @@ class Headers:
 
     def without(self, name: str) -> Headers:
         """A copy without any C{name} field."""
-        key = canonicalName(name)
-        return Headers(tuple(f for f in self.fields if canonicalName(f[0]) != key))
+        slot = self._index.get(canonicalName(name))
+        if slot is None:
+            return self
+        drop = set(slot)
+        return Headers(tuple(f for i, f in enumerate(self.fields) if i not in drop))
 
     # Typed accessors of the headers every transaction needs.
 
@@ -178,16 +193,22 @@ class Headers:
 
 
 def _serializeHeaders(parts: list[str], headers: Headers, bodyLength: int) -> None:
-    wroteLength = False
-    for name, value in headers.fields:
-        if canonicalName(name) == "content-length":
-            if wroteLength:
-                continue
-            value = str(bodyLength)
-            wroteLength = True
-        parts.append(f"{name}: {value}\r\n")
-    if not wroteLength:
-        parts.append(f"Content-Length: {bodyLength}\r\n")
+    """
+    Append the header lines and the blank line to C{parts}: the first
+    Content-Length field says C{bodyLength}, later ones are left out, and
+    one is added last when there is none.
+    """
+    lines = [f"{name}: {value}\r\n" for name, value in headers.fields]
+    slot = headers._index.get("content-length")
+    if slot is None:
+        parts.extend(lines)
+        parts.append(f"Content-Length: {bodyLength}\r\n\r\n")
+        return
+    first = slot[0]
+    lines[first] = f"{headers.fields[first][0]}: {bodyLength}\r\n"
+    for i in reversed(slot[1:]):
+        del lines[i]
+    parts.extend(lines)
     parts.append("\r\n")
 
 
@@ -270,7 +291,7 @@ REASON_PHRASES: dict[int, str] = {
 def _hasTag(nameAddr: str) -> bool:
     """Whether a To/From value carries a header C{tag} parameter."""
     paramsAt = nameAddr.rfind(">") + 1
-    return ";tag=" in nameAddr[paramsAt:].lower().replace(" ", "")
+    return ";tag=" in nameAddr[paramsAt:].lower().replace(" ", "").replace("\t", "")
 
 
 def makeResponse(
@@ -289,17 +310,16 @@ def makeResponse(
     the response is not 100), From, CSeq, Call-ID, then Content-Type (when
     there is a body), C{extra}, Content-Length — the order Kamailio uses.
     """
-    out: list[tuple[str, str]] = []
-    for name, value in requestHeaders.fields:
-        if canonicalName(name) == "via":
-            out.append((name, value))
+    fields = requestHeaders.fields
+    index = requestHeaders._index
+    out = [fields[i] for i in index.get("via", ())]
     for key in ("to", "from", "cseq", "call-id"):
-        for name, value in requestHeaders.fields:
-            if canonicalName(name) == key:
-                if key == "to" and toTag is not None and code != 100 and not _hasTag(value):
-                    value = f"{value};tag={toTag}"
-                out.append((name, value))
-                break
+        slot = index.get(key)
+        if slot is not None:
+            name, value = fields[slot[0]]
+            if key == "to" and toTag is not None and code != 100 and not _hasTag(value):
+                value = f"{value};tag={toTag}"
+            out.append((name, value))
     if contentType is not None and body:
         out.append(("Content-Type", contentType))
     out.extend(extra)

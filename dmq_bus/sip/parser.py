@@ -6,7 +6,15 @@ L{SIPParseError} with a byte offset.
 from __future__ import annotations
 
 from dmq_bus.sip.errors import SIPParseError
-from dmq_bus.sip.message import ENCODING, ERRORS, Headers, Message, Request, Response
+from dmq_bus.sip.message import (
+    ENCODING,
+    ERRORS,
+    Headers,
+    Message,
+    Request,
+    Response,
+    canonicalName,
+)
 from dmq_bus.sip.uri import SIPURI
 
 MAX_HEADERS = 256
@@ -16,7 +24,7 @@ _TOKEN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ01
 
 
 def _isToken(text: str) -> bool:
-    return bool(text) and all(c in _TOKEN_CHARS for c in text)
+    return bool(text) and _TOKEN_CHARS.issuperset(text)
 
 
 def findHeaderEnd(data: bytes, start: int = 0) -> tuple[int, int]:
@@ -46,33 +54,80 @@ def parseContentLength(value: str | None) -> int | None:
     return int(value)
 
 
+_KNOWN_NAMES: dict[str, str] = {}
+"""
+Header names met before, exactly as written (so valid tokens), to their
+lookup key; lets L{parseHead} read a usual header line with one dict lookup.
+"""
+
+_KNOWN_NAMES_LIMIT = 4096
+"""Most names L{_KNOWN_NAMES} remembers (a peer cannot grow it without end)."""
+
+
 def parseHead(head: bytes, offset: int = 0) -> tuple[str, Headers]:
     """
     Parse a header block (start line and header lines, no blank line) into
     the start line and L{Headers}. Folded lines are joined with one space.
     """
     text = head.decode(ENCODING, ERRORS)
-    lines = text.split("\n")
+    if text.count("\n") == text.count("\r\n"):
+        lines = text.split("\r\n")  # the usual case: every line ends in CRLF
+    else:
+        lines = [line[:-1] if line[-1:] == "\r" else line for line in text.split("\n")]
     startLine = lines[0].rstrip("\r")
+    if len(lines) <= MAX_HEADERS + 1:
+        # Fast path: every line is "Name: value" with a name met before;
+        # the index is built on the way. Anything else takes the slow path.
+        fields: list[tuple[str, str]] = []
+        index: dict[str, list[int]] = {}
+        knownKey = _KNOWN_NAMES.get
+        for line in lines[1:]:
+            name, colon, value = line.partition(":")
+            key = knownKey(name)
+            if key is None or not colon:
+                break
+            slot = index.get(key)
+            if slot is None:
+                index[key] = [len(fields)]
+            else:
+                slot.append(len(fields))
+            fields.append((name, value.strip(" \t")))
+        else:
+            return startLine, Headers._prebuilt(tuple(fields), index)
+    headerStart = text.find("\n") + 1
+    return startLine, Headers(tuple(_parseHeaderLines(text, headerStart, offset)))
+
+
+def _parseHeaderLines(text: str, pos: int, offset: int) -> list[tuple[str, str]]:
+    """
+    Read the header lines of C{text} from character C{pos} on, one by one,
+    joining folded lines; raise L{SIPParseError} at the first bad line.
+    """
     fields: list[tuple[str, str]] = []
-    pos = offset + len(lines[0]) + 1
-    for raw in lines[1:]:
+    for raw in text[pos:].split("\n"):
         line = raw[:-1] if raw.endswith("\r") else raw
         if line and line[0] in " \t":
             if not fields:
-                raise SIPParseError("continuation line before any header", pos)
+                raise _errorAt("continuation line before any header", text, pos, offset)
             name, value = fields[-1]
             fields[-1] = (name, f"{value} {line.strip()}".strip())
         else:
             name, colon, value = line.partition(":")
             name = name.rstrip(" \t")
             if not colon or not _isToken(name):
-                raise SIPParseError(f"malformed header line {line[:60]!r}", pos)
+                raise _errorAt(f"malformed header line {line[:60]!r}", text, pos, offset)
             fields.append((name, value.strip(" \t")))
+            if name not in _KNOWN_NAMES and len(_KNOWN_NAMES) < _KNOWN_NAMES_LIMIT:
+                _KNOWN_NAMES[name] = canonicalName(name)
             if len(fields) > MAX_HEADERS:
-                raise SIPParseError(f"more than {MAX_HEADERS} header fields", pos)
+                raise _errorAt(f"more than {MAX_HEADERS} header fields", text, pos, offset)
         pos += len(raw) + 1
-    return startLine, Headers(tuple(fields))
+    return fields
+
+
+def _errorAt(reason: str, text: str, pos: int, offset: int) -> SIPParseError:
+    """An error at character C{pos} of C{text}, its offset counted in bytes."""
+    return SIPParseError(reason, offset + len(text[:pos].encode(ENCODING, ERRORS)))
 
 
 def parseMessage(data: bytes, *, stream: bool = False) -> Message:
@@ -97,6 +152,8 @@ def parseMessage(data: bytes, *, stream: bool = False) -> Message:
             raise SIPParseError("no end of headers", len(data))
         # a datagram without the blank line: headers only, empty body
         end = bodyStart = len(data)
+        if data.endswith(b"\n"):  # the line end of the last header line
+            end = max(start, end - (2 if data.endswith(b"\r\n") else 1))
     startLine, headers = parseHead(data[start:end], start)
     isRequest = not startLine.startswith("SIP/")
     answerable = headers if isRequest else None
@@ -126,8 +183,8 @@ def parseMessage(data: bytes, *, stream: bool = False) -> Message:
 
 def _parseRequestLine(line: str, headers: Headers, body: bytes, offset: int) -> Request:
     parts = line.split(" ")
-    if len(parts) != 3:
-        parts = line.split()
+    if len(parts) != 3 or not (parts[0] and parts[1]):
+        parts = line.split()  # leniently, any blanks between the parts
         if len(parts) != 3:
             raise SIPParseError(f"malformed request line {line[:80]!r}", offset)
     method, uriText, version = parts

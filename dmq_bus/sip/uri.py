@@ -95,6 +95,29 @@ def _splitOutsideQuotes(text: str, sep: str) -> Iterator[str]:
     yield text[start:]
 
 
+def _findOutsideQuotes(text: str, char: str) -> int:
+    """The index of the first C{char} not inside a quoted string, or -1."""
+    at = text.find(char)
+    if at < 0 or '"' not in text[:at]:
+        return at
+    inQuote = False
+    i = 0
+    n = len(text)
+    while i < n:
+        c = text[i]
+        if inQuote:
+            if c == "\\":
+                i += 1
+            elif c == '"':
+                inQuote = False
+        elif c == '"':
+            inQuote = True
+        elif c == char:
+            return i
+        i += 1
+    return -1
+
+
 def splitHostPort(text: str, offset: int = 0) -> tuple[str, int | None]:
     """
     Split C{host[:port]}; IPv6 references keep their brackets
@@ -133,7 +156,7 @@ _HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ012
 
 
 def _validHost(host: str) -> bool:
-    return bool(host) and len(host) <= 254 and all(c in _HOST_CHARS for c in host)
+    return bool(host) and len(host) <= 254 and _HOST_CHARS.issuperset(host)
 
 
 def stripBrackets(host: str) -> str:
@@ -141,6 +164,16 @@ def stripBrackets(host: str) -> str:
     if host.startswith("[") and host.endswith("]"):
         return host[1:-1]
     return host
+
+
+_PARSED_URIS_LIMIT = 1024
+"""
+Most URIs L{SIPURI.parse} remembers. A DMQ node meets few distinct URIs
+(one per channel and node) and URIs are frozen values, so a parsed URI is
+shared by every message that carries the same text.
+"""
+
+_parsedURIs: dict[str, SIPURI] = {}
 
 
 @attrs.frozen
@@ -193,16 +226,27 @@ class SIPURI:
         value = self.param("transport")
         if value:
             return value.lower()
-        return "tls" if self.scheme == "sips" else "udp"
+        return "tls" if self.scheme.lower() == "sips" else "udp"
 
     @property
     def defaultedPort(self) -> int:
         """The port, or the scheme's default (5060, or 5061 for C{sips:})."""
-        return self.port if self.port is not None else _DEFAULT_PORTS.get(self.scheme, 5060)
+        if self.port is not None:
+            return self.port
+        return _DEFAULT_PORTS.get(self.scheme.lower(), 5060)
 
     @classmethod
     def parse(cls, text: str, offset: int = 0) -> SIPURI:
         """Parse a SIP URI, raising L{SIPParseError} if it is not one."""
+        uri = _parsedURIs.get(text)
+        if uri is None:
+            uri = cls._parse(text, offset)
+            if len(_parsedURIs) < _PARSED_URIS_LIMIT:
+                _parsedURIs[text] = uri
+        return uri
+
+    @classmethod
+    def _parse(cls, text: str, offset: int) -> SIPURI:
         scheme, sep, rest = text.partition(":")
         lscheme = scheme.lower()
         if not sep or lscheme not in _DEFAULT_PORTS:
@@ -267,7 +311,7 @@ class NameAddr:
     def parse(cls, text: str, offset: int = 0) -> NameAddr:
         """Parse C{["Name"] <uri>;params} or C{uri;params}."""
         text = text.strip()
-        lt = text.find("<")
+        lt = _findOutsideQuotes(text, "<")
         if lt >= 0:
             gt = text.find(">", lt)
             if gt < 0:
