@@ -13,7 +13,9 @@ transaction on the receiver. Prints transactions/s and CPU seconds per process.
 from __future__ import annotations
 
 import argparse
+import cProfile
 import os
+import pstats
 import resource
 import signal
 import socket
@@ -67,7 +69,9 @@ def receiver(port: int) -> None:
     reactor.run()  # type: ignore[attr-defined]
 
 
-def sender(ports: list[int], count: int, window: int, transport: str) -> dict[str, Any]:
+def sender(
+    ports: list[int], count: int, window: int, transport: str, profile: bool = False
+) -> dict[str, Any]:
     """Send C{count} requests spread over the receivers, C{window} at a time."""
     from twisted.internet import reactor
     from twisted.internet.defer import Deferred
@@ -87,27 +91,28 @@ def sender(ports: list[int], count: int, window: int, transport: str) -> dict[st
         Node.fromURI(SIPURI.parse(f"sip:127.0.0.1:{p}{suffix}"), NodeStatus.ACTIVE) for p in ports
     ]
     bus = service.bus
-    state = {"sent": 0, "done": 0, "failed": 0, "codes": {}}
+    counts = {"sent": 0, "done": 0, "failed": 0}
+    codes: dict[int, int] = {}
     finished: Deferred[None] = Deferred()
 
     def sendOne() -> None:
-        target = targets[state["sent"] % len(targets)]
-        state["sent"] += 1
+        target = targets[counts["sent"] % len(targets)]
+        counts["sent"] += 1
         bus.send("htable", target, BODY, "application/json").addCallbacks(ok, bad)
 
     def ok(delivery: Any) -> None:
-        state["codes"][delivery.code] = state["codes"].get(delivery.code, 0) + 1
+        codes[delivery.code] = codes.get(delivery.code, 0) + 1
         next_()
 
     def bad(failure: Any) -> None:
-        state["failed"] += 1
+        counts["failed"] += 1
         next_()
 
     def next_() -> None:
-        state["done"] += 1
-        if state["sent"] < count:
+        counts["done"] += 1
+        if counts["sent"] < count:
             sendOne()
-        elif state["done"] == count and not finished.called:
+        elif counts["done"] == count and not finished.called:
             finished.callback(None)
 
     cpu0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -119,15 +124,21 @@ def sender(ports: list[int], count: int, window: int, transport: str) -> dict[st
 
     reactor.callWhenRunning(begin)  # type: ignore[attr-defined]
     finished.addBoth(lambda _: reactor.stop())  # type: ignore[attr-defined]
+    profiler = cProfile.Profile() if profile else None
+    if profiler is not None:
+        profiler.enable()
     reactor.run()  # type: ignore[attr-defined]
+    if profiler is not None:
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(25)
     elapsed = time.perf_counter() - start
     cpu1 = resource.getrusage(resource.RUSAGE_SELF)
     stats = service.stack.stats()
     return {
         "elapsed": elapsed,
         "rate": count / elapsed,
-        "failed": state["failed"],
-        "codes": state["codes"],
+        "failed": counts["failed"],
+        "codes": codes,
         "cpu": (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime),
         "retransmissions": stats.get("client.retransmissions", 0),
     }
@@ -139,6 +150,7 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=200, help="requests outstanding at once")
     parser.add_argument("--receivers", type=int, default=1, help="receiver processes")
     parser.add_argument("--transport", choices=["udp", "tcp"], default="udp")
+    parser.add_argument("--profile", action="store_true", help="cProfile the sender")
     parser.add_argument(
         "--role", choices=["main", "receiver"], default="main", help=argparse.SUPPRESS
     )
@@ -160,9 +172,9 @@ def main() -> None:
             assert proc.stdout is not None
             if proc.stdout.readline().strip() != "ready":
                 raise SystemExit("receiver did not start")
-        result = sender(ports, args.count, args.window, args.transport)
+        result = sender(ports, args.count, args.window, args.transport, args.profile)
     finally:
-        cpus = []
+        cpus: list[float] = []
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
             out, _ = proc.communicate(timeout=15)

@@ -10,6 +10,7 @@ carried a message: it gets a parsed message and an L{Origin}.
 
 from __future__ import annotations
 
+import socket
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -110,6 +111,16 @@ class TransportLimits:
     Seconds an outgoing TCP connection may take to be established; after
     that every message queued for it fails (C{onError}), counted as
     C{tcp.connect_failed}.
+    """
+
+    udpSocketBuffer: int = attrs.field(default=4 * 1024 * 1024, validator=_positive)
+    """
+    Bytes asked for the UDP socket's kernel receive and send buffers (as
+    Kamailio enlarges its own). The kernel's default (~208 KiB) holds only
+    ~200 small datagrams, so a burst of requests overflows it and every
+    lost datagram costs a 0.5 s retransmission. Past the system maximum
+    (C{net.core.rmem_max}) it is forced when running as root, otherwise
+    capped; the size obtained is logged and kept in C{udp.receive_buffer}.
     """
 
 
@@ -710,6 +721,28 @@ class SIPDatagramProtocol(DatagramProtocol):
 
     def __init__(self, layer: SIPTransportLayer) -> None:
         self._layer = layer
+
+    def startProtocol(self) -> None:
+        """Enlarge the socket's buffers (L{TransportLimits.udpSocketBuffer})."""
+        sock = getattr(self.transport, "socket", None)
+        if sock is None:
+            return
+        layer = self._layer
+        wanted = layer.limits.udpSocketBuffer
+        for option, forced in (
+            (socket.SO_RCVBUF, getattr(socket, "SO_RCVBUFFORCE", None)),
+            (socket.SO_SNDBUF, getattr(socket, "SO_SNDBUFFORCE", None)),
+        ):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, option, wanted)
+                # Linux reports twice what was set; compare with that in mind
+                if forced is not None and sock.getsockopt(socket.SOL_SOCKET, option) < wanted:
+                    sock.setsockopt(socket.SOL_SOCKET, forced, wanted)
+            except OSError:
+                pass
+        got = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        layer.counters["udp.receive_buffer"] = got
+        layer.log.debug("UDP receive buffer: {size} bytes", size=got)
 
     def datagramReceived(self, datagram: bytes, addr: Any) -> None:
         """Parse one datagram from C{addr} and hand it to the receiver."""
