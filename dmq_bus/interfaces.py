@@ -8,7 +8,7 @@ return a Deferred"; no method here ever blocks the reactor.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from zope.interface import Attribute, Interface
 
@@ -211,3 +211,68 @@ class IDMQPeerFactory(Interface):
         C{--peer NAME=OPTIONS} (empty when nothing did).
         @raise ValueError: the options are not valid (a usage error).
         """
+
+
+# ---------------------------------------------------------------------------
+# Replicated hash tables (the htable peer)
+
+
+class IHashTable(Interface):
+    """
+    One replicated hash table (Kamailio's htable with C{dmqreplicate=1}).
+    Values are C{str} (Kamailio type 2; bytes that are not UTF-8 are kept
+    with C{surrogateescape}) or C{int} (type 0, 32-bit signed like
+    Kamailio's). Local writes are applied at once and replicated to every
+    active node; writes received from other nodes are applied and never
+    re-replicated. No method blocks.
+    """
+
+    name = Attribute("str: the table's name (Kamailio's htname).")
+    defaultExpire = Attribute("float: the table's autoexpire in seconds; 0 = never.")
+
+    def get(key: str) -> str | int | None:
+        """The value of C{key}, or None when absent or expired."""
+
+    def set(key: str, value: str | int, expire: float | None = None) -> None:
+        """
+        Set C{key} (action 2), then, when C{expire} is given, its lifetime
+        in seconds (action 3, as Kamailio's setx* does). Without C{expire}
+        the table's C{defaultExpire} applies.
+        @raise ValueError: an int outside the 32-bit signed range.
+        """
+
+    def setExpire(key: str, seconds: float) -> bool:
+        """Give C{key} C{seconds} more life (action 3); False if absent."""
+
+    def delete(key: str) -> bool:
+        """Remove C{key} (action 4); False if it was absent (nothing sent)."""
+
+    def removeMatching(pattern: str, *, byValue: bool = False, prefix: bool = False) -> int:
+        """
+        Remove every key (or, C{byValue}, every string value) matching the
+        regular expression C{pattern} (action 5) or starting with it
+        (C{prefix}, action 6). Returns how many were removed here.
+        """
+
+    def items() -> list[tuple[str, str | int, float]]:
+        """Every live cell as C{(key, value, expiresAt)}; C{expiresAt} 0 = never."""
+
+    def __len__() -> int:
+        """How many live cells the table holds."""
+
+    def addObserver(observer: Callable[[Any], None]) -> Callable[[], None]:
+        """
+        Call C{observer} with a L{dmq_bus.peers.htable.TableChange} after
+        every change (local, replicated or synced, and expiries). Returns
+        the function that removes it. Observers must not block.
+        """
+
+
+class IHashTables(Interface):
+    """The tables of one node (the htable peer)."""
+
+    def table(name: str) -> IHashTable | None:
+        """The table called C{name}, or None."""
+
+    def tables() -> list[IHashTable]:
+        """Every declared table, in declaration order."""

@@ -4,7 +4,7 @@ C{twistd dmq} / C{twist dmq}: command-line options and the service they make.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from twisted.application.service import IService
 from twisted.plugin import getPlugins
@@ -21,18 +21,30 @@ from dmq_bus.sip.uri import SIPURI
 DEFAULT_SERVER_ADDRESS = "sip:127.0.0.1:5060"
 
 
-def _positive(value: str) -> float:
-    number = float(value)
-    if not number > 0:
-        raise ValueError("must be > 0")
-    return number
+def _positive(option: str) -> Callable[[str], float]:
+    """A coercer for C{--option}: a number > 0, or an error naming the option."""
+
+    def coerce(value: str) -> float:
+        try:
+            number = float(value)
+        except ValueError:
+            number = float("nan")
+        if not number > 0:
+            raise ValueError(f"--{option} must be a number > 0, not {value!r}")
+        return number
+
+    return coerce
 
 
-def _positiveInt(value: str) -> int:
-    number = int(value)
-    if number <= 0:
-        raise ValueError("must be > 0")
-    return number
+def _positiveInt(option: str) -> Callable[[str], int]:
+    """A coercer for C{--option}: a whole number > 0, or an error naming the option."""
+
+    def coerce(value: str) -> int:
+        if not value.isdigit() or int(value) <= 0:
+            raise ValueError(f"--{option} must be a whole number > 0, not {value!r}")
+        return int(value)
+
+    return coerce
 
 
 def peerFactories() -> dict[str, IDMQPeerFactory]:
@@ -64,43 +76,43 @@ class Options(usage.Options):
             DEFAULT_CHANNEL,
             "The membership channel (Kamailio's notification_channel).",
         ],
-        ["ping-interval", None, 5.0, "Seconds between pings to every node.", _positive],
+        ["ping-interval", None, 5.0, "Seconds between pings to every node.", _positive("ping-interval")],
         [
             "ping-timeout",
             None,
             5.0,
             "Seconds a ping waits for its answer before the node counts as failed.",
-            _positive,
+            _positive("ping-timeout"),
         ],
         [
             "request-timeout",
             None,
             None,
             "Seconds an application message waits for its answer (default 64*T1 = 32).",
-            _positive,
+            _positive("request-timeout"),
         ],
         [
             "leave-timeout",
             None,
             2.0,
             "Seconds to wait for leave acknowledgements on stop.",
-            _positive,
+            _positive("leave-timeout"),
         ],
-        ["t1", None, 0.5, "SIP timer T1 (first UDP retransmission), seconds.", _positive],
+        ["t1", None, 0.5, "SIP timer T1 (first UDP retransmission), seconds.", _positive("t1")],
         [
             "t2",
             None,
             4.0,
             "SIP timer T2 (longest UDP retransmission interval), seconds.",
-            _positive,
+            _positive("t2"),
         ],
-        ["max-nodes", None, DEFAULT_MAX_NODES, "Most nodes the node list holds.", _positiveInt],
+        ["max-nodes", None, DEFAULT_MAX_NODES, "Most nodes the node list holds.", _positiveInt("max-nodes")],
         [
             "max-transactions",
             None,
             TransactionLimits().maxClientTransactions,
             "Most open outgoing requests; past it sends fail at once.",
-            _positiveInt,
+            _positiveInt("max-transactions"),
         ],
         ["user-agent", None, USER_AGENT, "User-Agent/Server header text; empty for none."],
     ]
