@@ -89,6 +89,9 @@ class MembershipTests(SynchronousTestCase):
         joiner = network.addNode("127.0.0.2", seeds=[seed])
         network.run(0.05)
         self.assertTrue(allActive([seed, joiner]), (statuses(seed), statuses(joiner)))
+        entry = seed.bus.findNode(joiner.uri)
+        assert entry is not None
+        self.assertGreater(entry.lastNotification, 0, "the join itself is a notification")
 
     def test_threeNodesConverge(self) -> None:
         """

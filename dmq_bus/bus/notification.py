@@ -225,11 +225,13 @@ class NotificationPeer:
             sender = message.request.headers.nameAddr("from")
         except SIPParseError:
             sender = None
-        if sender is not None:
-            self.nodeList.forgive(nodeKey(sender.uri))
+        senderKey = nodeKey(sender.uri) if sender is not None else None
+        if senderKey is not None:
+            self.nodeList.forgive(senderKey)
         changed = self.nodeList.merge(parseNodeLines(message.body, self.counters))
-        if message.sender is not None:
-            self.nodeList.touch(message.sender.key, self.clock.seconds())
+        if senderKey is not None:
+            # after the merge, so that a joining node's first message counts too
+            self.nodeList.touch(senderKey, self.clock.seconds())
         budget = (message.maxForwards or 0) - 1
         if changed and budget > 0:
             self.counters["notification.rebroadcasts"] += 1
