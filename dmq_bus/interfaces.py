@@ -114,7 +114,8 @@ class ISIPClient(Interface):
 class IDMQPeer(Interface):
     """
     An application on the bus, bound to one channel (Kamailio's peer id,
-    the Request-URI user of its KDMQ requests).
+    the Request-URI user of its KDMQ requests). A peer may also have a
+    C{stop()} method (no arguments); the node calls it when it stops.
     """
 
     channel = Attribute("str: the channel (peer id), e.g. 'htable'.")
@@ -140,6 +141,7 @@ class IDMQBus(Interface):
     """What peers and applications see of the bus."""
 
     localNode = Attribute("Node: this node's own entry (status active, local).")
+    clock = Attribute("IReactorTime: the clock the bus (and its peers) run on.")
 
     def registerPeer(peer: IDMQPeer) -> None:
         """

@@ -72,16 +72,27 @@ class NodeStack:
         return self.notification.leave()
 
     def stop(self) -> Deferred[Any]:
-        """Stop timers and close connections."""
+        """Stop timers (the peers' too, see L{IDMQPeer}) and close connections."""
         self.notification.stop()
+        for peer in self.bus.peers():
+            stop = getattr(peer, "stop", None)
+            if peer is not self.notification and callable(stop):
+                stop()
         return DeferredList([self.transactions.stop(), self.transport.stop()], consumeErrors=True)
 
     def stats(self) -> dict[str, int]:
-        """Every counter of every layer, with gauges of the open state."""
+        """
+        Every counter of every layer and of every peer that has a
+        C{counters} Counter, with gauges of the open state.
+        """
         merged: Counter[str] = Counter()
-        merged.update(self.transport.counters)
-        merged.update(self.transactions.counters)
-        merged.update(self.bus.counters)
+        sources = [self.transport.counters, self.transactions.counters, self.bus.counters]
+        for peer in self.bus.peers():
+            counters = getattr(peer, "counters", None)
+            if isinstance(counters, Counter) and all(counters is not c for c in sources):
+                sources.append(counters)
+        for counters in sources:
+            merged.update(counters)
         gauges = {
             "transactions.client_open": self.transactions.openClientTransactions,
             "transactions.server_open": self.transactions.openServerTransactions,

@@ -12,7 +12,9 @@ from twisted.python import usage
 
 from dmq_bus.bus.dispatch import DEFAULT_CHANNEL, USER_AGENT, BusConfig
 from dmq_bus.bus.nodelist import DEFAULT_MAX_NODES
-from dmq_bus.interfaces import IDMQPeerFactory
+from dmq_bus.control import DEFAULT_CONTROL_ENDPOINT, ControlAPI, ControlService
+from dmq_bus.interfaces import IDMQPeerFactory, IHashTables
+from dmq_bus.peers.htable import HTablePeer, TableSpec, parseTableSpecs
 from dmq_bus.service import DMQService, NodeConfig
 from dmq_bus.sip.errors import SIPParseError
 from dmq_bus.sip.transaction import TimerPolicy, TransactionLimits
@@ -76,7 +78,13 @@ class Options(usage.Options):
             DEFAULT_CHANNEL,
             "The membership channel (Kamailio's notification_channel).",
         ],
-        ["ping-interval", None, 5.0, "Seconds between pings to every node.", _positive("ping-interval")],
+        [
+            "ping-interval",
+            None,
+            5.0,
+            "Seconds between pings to every node.",
+            _positive("ping-interval"),
+        ],
         [
             "ping-timeout",
             None,
@@ -106,7 +114,13 @@ class Options(usage.Options):
             "SIP timer T2 (longest UDP retransmission interval), seconds.",
             _positive("t2"),
         ],
-        ["max-nodes", None, DEFAULT_MAX_NODES, "Most nodes the node list holds.", _positiveInt("max-nodes")],
+        [
+            "max-nodes",
+            None,
+            DEFAULT_MAX_NODES,
+            "Most nodes the node list holds.",
+            _positiveInt("max-nodes"),
+        ],
         [
             "max-transactions",
             None,
@@ -115,16 +129,32 @@ class Options(usage.Options):
             _positiveInt("max-transactions"),
         ],
         ["user-agent", None, USER_AGENT, "User-Agent/Server header text; empty for none."],
+        [
+            "control",
+            None,
+            DEFAULT_CONTROL_ENDPOINT,
+            "Serve the JSON-RPC control API (POST /RPC, dmq-ctl) on this Twisted endpoint; "
+            "'none' for no control API. It has no authentication: keep it on loopback.",
+        ],
     ]
 
     def __init__(self) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self["notification-address"] = []
         self["peer"] = []
+        self["htable"] = []
 
     def opt_notification_address(self, value: str) -> None:
         """A seed to join through, sip:IP:PORT (repeatable)."""
         self["notification-address"].append(value)
+
+    def opt_htable(self, value: str) -> None:
+        """
+        Declare a replicated table NAME[=OPTIONS], OPTIONS as Kamailio's
+        (autoexpire=SECONDS;dmqreplicate=0|1); repeatable. Default: one table
+        'kv'. 'none': no htable peer.
+        """
+        self["htable"].append(value)
 
     def opt_peer(self, value: str) -> None:
         """Load peer NAME[=OPTIONS] from the installed peer plugins (repeatable)."""
@@ -163,6 +193,7 @@ class Options(usage.Options):
             raise usage.UsageError("--notification-channel must be a non-empty token")
         factories = peerFactories()
         self["peerSpecs"] = [_splitPeer(spec, factories) for spec in self["peer"]]
+        self["tableSpecs"] = _tableSpecs(self["htable"])
 
 
 def _isToken(text: str) -> bool:
@@ -177,6 +208,17 @@ def _parseAddress(option: str, text: str) -> SIPURI:
     if uri.transport not in ("udp", "tcp"):
         raise usage.UsageError(f"{option}: transport {uri.transport!r} is not supported (udp, tcp)")
     return uri
+
+
+def _tableSpecs(values: list[str]) -> list[TableSpec]:
+    if values == ["none"]:
+        return []
+    if not values:
+        values = ["kv"]
+    try:
+        return parseTableSpecs(",".join(values))
+    except ValueError as e:
+        raise usage.UsageError(f"--htable: {e}") from None
 
 
 def _splitPeer(spec: str, factories: dict[str, IDMQPeerFactory]) -> tuple[IDMQPeerFactory, str]:
@@ -197,8 +239,21 @@ def makeService(options: Options) -> IService:
             transactionLimits=TransactionLimits(maxClientTransactions=options["max-transactions"]),
         )
     )
+    if options["tableSpecs"]:
+        service.bus.registerPeer(HTablePeer(service.bus, service.reactor, options["tableSpecs"]))
     registerPeers(service, options["peerSpecs"])
+    if options["control"] != "none":
+        addControl(service, options["control"])
     return service
+
+
+def addControl(service: DMQService, endpoint: str) -> ControlService:
+    """Serve the control API of C{service} on C{endpoint}, started and stopped with it."""
+    tables = next((p for p in service.bus.peers() if IHashTables.providedBy(p)), None)
+    api = ControlAPI(service.bus, tables, service.stack.stats)
+    control = ControlService(api, endpoint, service.reactor)
+    control.setServiceParent(service)  # type: ignore[no-untyped-call]
+    return control
 
 
 def registerPeers(service: DMQService, specs: Iterable[tuple[IDMQPeerFactory, str]]) -> None:

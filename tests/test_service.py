@@ -20,6 +20,8 @@ from zope.interface.verify import verifyObject
 
 from dmq_bus import tap
 from dmq_bus.bus.dispatch import BusConfig
+from dmq_bus.control import ControlService
+from dmq_bus.interfaces import IHashTables
 from dmq_bus.peers.echo import EchoPeer
 from dmq_bus.service import DMQService, NodeConfig
 from dmq_bus.sip.uri import SIPURI
@@ -92,11 +94,39 @@ class OptionsTests(SynchronousTestCase):
             self.assertIn(words, str(caught.exception), args)
 
     def test_makeService(self) -> None:
-        """makeService gives an IService with the requested peers registered."""
+        """
+        makeService gives an IService with the requested peers registered,
+        the default table 'kv', and the control API on 127.0.0.1:8060.
+        """
         service = tap.makeService(parse("--peer", "echo", "--server-address", "sip:127.0.0.1:5999"))
         verifyObject(IService, service)
         assert isinstance(service, DMQService)
-        self.assertEqual([p.channel for p in service.bus.peers()], ["notification_peer", "echo"])
+        self.assertEqual(
+            [p.channel for p in service.bus.peers()], ["notification_peer", "htable", "echo"]
+        )
+        tables = service.bus.peers()[1]
+        assert IHashTables.providedBy(tables)
+        self.assertEqual([t.name for t in tables.tables()], ["kv"])
+        (control,) = list(service)
+        assert isinstance(control, ControlService)
+        self.assertEqual(control.description, "tcp:8060:interface=127.0.0.1")
+
+    def test_tablesAndNoControl(self) -> None:
+        """--htable declares tables (Kamailio options), 'none' turns htable or control off."""
+        service = tap.makeService(
+            parse("--htable", "a", "--htable", "b=autoexpire=60", "--control", "none")
+        )
+        assert isinstance(service, DMQService)
+        tables = service.bus.peers()[1]
+        assert IHashTables.providedBy(tables)
+        self.assertEqual(
+            [(t.name, t.defaultExpire) for t in tables.tables()], [("a", 0.0), ("b", 60.0)]
+        )
+        self.assertEqual(list(service), [])
+        bare = tap.makeService(parse("--htable", "none", "--control", "none"))
+        assert isinstance(bare, DMQService)
+        self.assertEqual([p.channel for p in bare.bus.peers()], ["notification_peer"])
+        self.assertRaises(usage.UsageError, parse, "--htable", "kv=colour=blue")
 
     def test_pluginsDiscovered(self) -> None:
         """`twistd dmq` and the bundled peers are found through Twisted's plugin system."""
@@ -104,7 +134,7 @@ class OptionsTests(SynchronousTestCase):
 
         makers = {m.tapname: m for m in getPlugins(IServiceMaker, twisted.plugins)}
         self.assertIn("dmq", makers)
-        self.assertIn("echo", tap.peerFactories())
+        self.assertEqual({"echo", "htable"} - set(tap.peerFactories()), set())
 
 
 class RealSocketTests(TestCase):
@@ -138,7 +168,9 @@ class RealSocketTests(TestCase):
         seed = self.service(a, transport=transport)
         joiner = self.service(b, a, transport=transport)
         joiner.bus.registerPeer(EchoPeer())
-        yield waitFor(lambda: self.status(seed, b) == "active" and self.status(joiner, a) == "active", 5)
+        yield waitFor(
+            lambda: self.status(seed, b) == "active" and self.status(joiner, a) == "active", 5
+        )
         target = seed.bus.findNode(str(joiner.bus.localNode.uri))
         assert target is not None
         delivery = yield seed.bus.send("echo", target, b"x" * 60_000, "application/octet-stream")
