@@ -5,6 +5,7 @@ failure handling, leave, dispatch to peers, and the bytes it sends.
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 from twisted.internet import defer
@@ -26,6 +27,7 @@ from dmq_bus.interfaces import IDMQBus, IDMQPeer, IDMQPeerFactory, ISIPRequestHa
 from dmq_bus.peers.echo import EchoPeer, EchoPeerFactory
 from dmq_bus.sip.message import Headers, Request
 from dmq_bus.sip.parser import parseMessage
+from dmq_bus.sip.uri import SIPURI
 from dmq_bus.testing import MemoryNetwork, MemoryNode
 
 FAST: dict[str, Any] = {"pingInterval": 1.0, "pingTimeout": 1.0}
@@ -520,3 +522,77 @@ class WireTests(SynchronousTestCase):
         self.assertEqual(join.headers.get("CSeq"), "10 KDMQ")
         self.assertEqual(join.body, b"sip:127.0.0.2:5060;status=active\r\n")
         self.assertIsInstance(join.headers, Headers)
+
+
+class RequestAddressingTests(SynchronousTestCase):
+    """
+    The Request-URI, To and From the bus remembers per channel and node
+    are those of each request: nothing leaks between channels or nodes.
+    """
+
+    def test_eachChannelAndNodeItsOwn(self) -> None:
+        """Requests for two channels to two nodes, built twice, name the right ones."""
+        network = MemoryNetwork()
+        node = network.addNode("127.0.0.1", 15061, start=False)
+        local = node.bus.localNode
+        others = [
+            type(local).fromURI(parseMessage(KAMAILIO_JOIN).uri),  # type: ignore[union-attr]
+            type(local).fromURI(SIPURI.parse("sip:127.0.0.9:5070;transport=tcp")),
+        ]
+        for _ in range(2):
+            for channel in ("htable", "app"):
+                for other in others:
+                    request = node.bus.buildRequest(channel, other, b"x", "text/plain", 1)
+                    target = other.channelURI(channel)
+                    self.assertEqual(request.uri, target)
+                    self.assertEqual(request.headers.get("To"), f"<{target}>")
+                    fromValue = request.headers.get("From") or ""
+                    self.assertTrue(
+                        fromValue.startswith(f"<{local.channelURI(channel)}>;tag="), fromValue
+                    )
+        tags = {
+            node.bus.buildRequest("app", others[0], b"", "text/plain", 1).headers.get("From")
+            for _ in range(3)
+        }
+        self.assertEqual(len(tags), 3)
+
+    def test_countersPerChannelAndCode(self) -> None:
+        """Per-channel counters keep their names: out/in requests and responses by code."""
+        network = MemoryNetwork()
+        a = network.addNode("127.0.0.1", **FAST)
+        b = network.addNode("127.0.0.2", seeds=[a], **FAST)
+        network.run(0.1)
+        b.registerPeer(EchoPeer("app"))
+        target = a.bus.findNode(b.uri)
+        assert target is not None
+        for channel in ("app", "app", "nosuch"):
+            a.bus.send(channel, target, b"x", "text/plain")
+        network.run(0.1)
+        self.assertEqual(a.bus.counters["out.requests.app"], 2)
+        self.assertEqual(a.bus.counters["out.responses.app.200"], 2)
+        self.assertEqual(a.bus.counters["out.requests.nosuch"], 1)
+        self.assertEqual(a.bus.counters["out.responses.nosuch.404"], 1)
+        self.assertEqual(b.bus.counters["in.requests.app"], 2)
+        self.assertEqual(b.bus.counters["in.responses.app.200"], 2)
+
+
+class StatsTests(SynchronousTestCase):
+    """The counters a node reports (dmq.stats)."""
+
+    def test_layersAndPeers(self) -> None:
+        """Stats hold every layer's counters, each peer's own counters once, and gauges."""
+        network = MemoryNetwork()
+        a = network.addNode("127.0.0.1", **FAST)
+        b = network.addNode("127.0.0.2", seeds=[a], **FAST)
+        peer = RecordingPeer()
+        peer.counters = Counter({"app.custom": 3})  # type: ignore[attr-defined]
+        a.registerPeer(peer)
+        network.run(0.1)
+        stats = a.stack.stats()
+        self.assertEqual(stats["app.custom"], 3)
+        self.assertEqual(stats["membership.added"], 1)
+        self.assertEqual(stats["nodes.total"], 2)
+        self.assertGreater(stats["udp.received"], 0)
+        self.assertGreater(stats["client.started"], 0)
+        self.assertEqual(stats["transactions.client_open"], 0)
+        del b

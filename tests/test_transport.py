@@ -7,6 +7,8 @@ exchange over UDP and one over TCP.
 
 from __future__ import annotations
 
+import builtins
+import errno
 import itertools
 import random
 from typing import Any, cast
@@ -1339,3 +1341,192 @@ class RealSocketTests(TestCase):
             self.assertEqual(errors, [])
 
         return client.arrived.addCallback(first).addCallback(second)
+
+
+class _SocketForPort:
+    """
+    A socket for a real C{udp.Port} that records datagrams, or raises the
+    next of C{errors} (None: send that one).
+    """
+
+    def __init__(self, *errors: OSError | None) -> None:
+        self.sent: list[tuple[bytes, tuple[str, int]]] = []
+        self.errors = list(errors)
+
+    def sendto(self, data: bytes, addr: tuple[str, int]) -> int:
+        error = self.errors.pop(0) if self.errors else None
+        if error is not None:
+            raise error
+        self.sent.append((data, addr))
+        return len(data)
+
+    def setsockopt(self, *args: object) -> None:
+        pass
+
+    def getsockopt(self, *args: object) -> int:
+        return 4 * 1024 * 1024
+
+
+class DirectDatagramSendTests(SynchronousTestCase):
+    """
+    Over a real C{udp.Port}, datagrams to a host the port accepted once go
+    straight to the socket's C{sendto}, with the errors Twisted would give.
+    """
+
+    def setUp(self) -> None:
+        from twisted.internet import udp
+
+        self.layer = SIPTransportLayer(RecordingReceiver(), Clock())
+        self.protocol = self.layer.datagramProtocol()
+        self.port = udp.Port(0, self.protocol, "127.0.0.1", reactor=Clock())  # type: ignore[arg-type]
+        self.socket = _SocketForPort()
+        self.port.socket = self.socket  # type: ignore[assignment]
+        self.protocol.makeConnection(self.port)
+        self.destination = Address("udp", "127.0.0.1", 15062)
+        self.errors: list[Failure] = []
+
+    def send(self, destination: Address | None = None) -> None:
+        self.layer.send(KDMQ_UDP, destination or self.destination, self.errors.append)
+
+    def writeForbidden(self) -> None:
+        """Make C{udp.Port.write} fail the test: only the direct path may send."""
+
+        def write(datagram: bytes, addr: Any = None) -> None:
+            self.fail("udp.Port.write called for a host already accepted")
+
+        self.port.write = write  # type: ignore[method-assign]
+
+    def test_secondDatagramBypassesWrite(self) -> None:
+        """The first datagram to a host goes through C{write}; later ones do not."""
+        self.send()
+        self.assertEqual(self.protocol.checkedHosts, {"127.0.0.1"})
+        self.writeForbidden()
+        self.send()
+        self.assertEqual(self.socket.sent, [(KDMQ_UDP, ("127.0.0.1", 15062))] * 2)
+        self.assertEqual(self.layer.counters["udp.sent"], 2)
+        self.assertEqual(self.errors, [])
+
+    def test_hostnameRefusedAndNeverDirect(self) -> None:
+        """
+        A host name is refused as Twisted refuses it (never resolved), every
+        time: it is not remembered as accepted.
+        """
+        from twisted.internet.error import InvalidAddressError
+
+        for _ in range(2):
+            self.send(Address("udp", "example.com", 5060))
+        self.assertEqual(len(self.errors), 2)
+        self.assertTrue(all(e.check(InvalidAddressError) for e in self.errors))
+        self.assertEqual(self.protocol.checkedHosts, set())
+        self.assertEqual(self.socket.sent, [])
+        self.assertEqual(self.layer.counters["send_errors"], 2)
+
+    def test_fullSendBuffer(self) -> None:
+        """
+        A full send buffer (EWOULDBLOCK) fails that datagram through
+        C{onError}, counted as C{udp.send_buffer_full} and C{send_errors};
+        the next datagram goes out.
+        """
+        self.send()
+        self.writeForbidden()
+        self.socket.errors = [BlockingIOError(errno.EWOULDBLOCK, "busy")]
+        self.send()
+        [error] = self.errors
+        self.assertTrue(error.check(BlockingIOError))
+        self.assertEqual(self.layer.counters["udp.send_buffer_full"], 1)
+        self.assertEqual(self.layer.counters["send_errors"], 1)
+        self.send()
+        self.assertEqual(len(self.socket.sent), 2)
+        self.assertEqual(self.layer.counters["udp.sent"], 2)
+
+    def test_fullSendBufferOnFirstWrite(self) -> None:
+        """EWOULDBLOCK through C{udp.Port.write} is counted the same way."""
+        self.socket.errors = [BlockingIOError(errno.EWOULDBLOCK, "busy")]
+        self.send()
+        [error] = self.errors
+        self.assertTrue(error.check(BlockingIOError))
+        self.assertEqual(self.layer.counters["udp.send_buffer_full"], 1)
+        self.assertEqual(self.protocol.checkedHosts, set())
+
+    def test_interruptedRetried(self) -> None:
+        """A send interrupted by a signal (EINTR) is retried: sent once, no error."""
+        self.send()
+        self.writeForbidden()
+        self.socket.errors = [InterruptedError(errno.EINTR, "interrupted"), None]
+        self.send()
+        self.assertEqual(len(self.socket.sent), 2)
+        self.assertEqual(self.errors, [])
+        self.assertEqual(self.layer.counters["udp.sent"], 2)
+
+    def test_refusedIgnored(self) -> None:
+        """
+        ECONNREFUSED (an earlier datagram was refused) is no failure of this
+        one, as in Twisted: counted as sent and as C{udp.send_refused}.
+        """
+        self.send()
+        self.writeForbidden()
+        self.socket.errors = [builtins.ConnectionRefusedError(errno.ECONNREFUSED, "refused")]
+        self.send()
+        self.assertEqual(self.errors, [])
+        self.assertEqual(self.layer.counters["udp.send_refused"], 1)
+        self.assertEqual(self.layer.counters["udp.sent"], 2)
+        self.assertEqual(self.layer.counters["send_errors"], 0)
+
+    def test_messageTooLongForTheSocket(self) -> None:
+        """EMSGSIZE fails the datagram with Twisted's L{MessageLengthError}."""
+        from twisted.internet.error import MessageLengthError
+
+        self.send()
+        self.writeForbidden()
+        self.socket.errors = [OSError(errno.EMSGSIZE, "too long")]
+        self.send()
+        [error] = self.errors
+        self.assertTrue(error.check(MessageLengthError))
+        self.assertEqual(self.layer.counters["send_errors"], 1)
+
+    def test_otherSocketError(self) -> None:
+        """Any other socket error reaches C{onError} as itself, counted once."""
+        self.send()
+        self.writeForbidden()
+        self.socket.errors = [OSError(errno.ENETUNREACH, "Network is unreachable")]
+        self.send()
+        [error] = self.errors
+        value = error.value
+        assert isinstance(value, OSError)
+        self.assertEqual(value.errno, errno.ENETUNREACH)
+        self.assertEqual(self.layer.counters["send_errors"], 1)
+        self.assertEqual(self.layer.counters["udp.sent"], 1)
+
+    def test_stoppedPortSendsNothingDirectly(self) -> None:
+        """Once the port stops, the direct path is forgotten."""
+        self.send()
+        self.protocol.doStop()
+        self.assertIsNone(self.protocol.sendto)
+        self.assertEqual(self.protocol.checkedHosts, set())
+
+    def test_fakeTransportsUseWrite(self) -> None:
+        """A transport that is no C{udp.Port} (tests, memory network) gets every write."""
+        layer, _, socket = udpLayer()
+        for _ in range(3):
+            layer.send(KDMQ_UDP, self.destination)
+        self.assertIsNone(layer.datagramProtocol().sendto)
+        self.assertEqual(len(socket.written), 3)
+
+    def test_responseRoutedAlongAViaSeenBefore(self) -> None:
+        """
+        The Via heads the parser remembers change nothing: a response goes
+        where each Via says, also for a sent-by seen before with other
+        parameters (rport, received).
+        """
+        base = "SIP/2.0/UDP 192.0.2.7:5070"
+        self.assertEqual(
+            responseDestination(f"{base};branch=z9hG4bKa"), Address("udp", "192.0.2.7", 5070)
+        )
+        self.assertEqual(
+            responseDestination(f"{base};branch=z9hG4bKb;rport=6000;received=192.0.2.9"),
+            Address("udp", "192.0.2.9", 6000),
+        )
+        self.assertEqual(
+            responseDestination(f"{base} ;branch=z9hG4bKc"), Address("udp", "192.0.2.7", 5070)
+        )
+        self.assertRaises(SIPParseError, responseDestination, f"{base};branch=x;;")

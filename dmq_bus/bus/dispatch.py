@@ -109,6 +109,54 @@ class _Identifiers:
         )
 
 
+@attrs.frozen
+class _Addressing:
+    """
+    What every KDMQ request for one channel to one node shares: its
+    Request-URI and the text of its To and From (before the tag) values.
+    """
+
+    uri: SIPURI
+    to: str
+    fromPrefix: str
+
+
+_ADDRESSING_LIMIT = 4096
+"""Most C{(channel, node)} pairs whose L{_Addressing} the bus remembers."""
+
+
+class _CodeNames(dict[int, str]):
+    """Counter names C{prefix + code}, each formatted once."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def __missing__(self, code: int) -> str:
+        name = f"{self.prefix}{code}"
+        if len(self) < 1000:
+            self[code] = name
+        return name
+
+
+class _ChannelCounters:
+    """
+    The names of one channel's per-message counters, built once rather
+    than formatted for every message.
+    """
+
+    def __init__(self, channel: str) -> None:
+        self.outRequests = f"out.requests.{channel}"
+        self.outResponses = _CodeNames(f"out.responses.{channel}.")
+        self.outFailures = _CodeNames(f"out.failures.{channel}.")
+        self.inRequests = f"in.requests.{channel}"
+        self.inResponses = _CodeNames(f"in.responses.{channel}.")
+
+
+_CHANNELS_LIMIT = 1024
+"""Most channels whose counter names the bus keeps (beyond it: rebuilt)."""
+
+
 def _isKnownDMQBus(headers: Headers) -> bool:
     agent = headers.get("user-agent")
     return agent is not None and agent.startswith("dmq-bus")
@@ -141,6 +189,8 @@ class DMQBus:
         self._serverHeader: tuple[tuple[str, str], ...] = (
             (("Server", config.userAgent),) if config.userAgent else ()
         )
+        self._addressing: dict[tuple[str, SIPURI], _Addressing] = {}
+        self._counterNames: dict[str, _ChannelCounters] = {}
 
     # -- IDMQBus
 
@@ -183,11 +233,13 @@ class DMQBus:
         A KDMQ request for C{channel} to C{node} with Kamailio 5.6.3's
         header order (the Via is added by the transaction layer).
         """
-        target = str(node.channelURI(channel))
+        addressing = self._addressing.get((channel, node.uri))
+        if addressing is None:
+            addressing = self._addressingOf(channel, node)
         callID, tag = self._ids.next()
         fields = [
-            ("To", f"<{target}>"),
-            ("From", f"<{self.localNode.channelURI(channel)}>;tag={tag}"),
+            ("To", addressing.to),
+            ("From", f"{addressing.fromPrefix}{tag}"),
             ("CSeq", "10 KDMQ"),
             ("Call-ID", callID),
             ("Content-Length", str(len(body))),
@@ -198,10 +250,32 @@ class DMQBus:
         fields.append(("Content-Type", contentType))
         return Request(
             method=KDMQ,
-            uri=node.channelURI(channel),
+            uri=addressing.uri,
             headers=Headers(tuple(fields)),
             body=body,
         )
+
+    def _addressingOf(self, channel: str, node: Node) -> _Addressing:
+        """Build (and remember) the L{_Addressing} of C{channel} at C{node}."""
+        uri = node.channelURI(channel)
+        addressing = _Addressing(
+            uri=uri,
+            to=f"<{uri}>",
+            fromPrefix=f"<{self.localNode.channelURI(channel)}>;tag=",
+        )
+        if len(self._addressing) >= _ADDRESSING_LIMIT:
+            self._addressing.clear()
+        self._addressing[channel, node.uri] = addressing
+        return addressing
+
+    def _channelCounters(self, channel: str) -> _ChannelCounters:
+        names = self._counterNames.get(channel)
+        if names is None:
+            names = _ChannelCounters(channel)
+            if len(self._counterNames) >= _CHANNELS_LIMIT:
+                self._counterNames.clear()
+            self._counterNames[channel] = names
+        return names
 
     def send(
         self,
@@ -213,30 +287,35 @@ class DMQBus:
         timeout: float | None = None,
     ) -> Deferred[Delivery]:
         request = self.buildRequest(channel, node, body, contentType, maxForwards)
-        self.counters[f"out.requests.{channel}"] += 1
+        names = self._channelCounters(channel)
+        self.counters[names.outRequests] += 1
         d = self.client.request(
             request, node.address, timeout if timeout is not None else self.config.requestTimeout
         )
+        return d.addCallbacks(
+            self._delivered,
+            self._deliveryFailed,
+            callbackArgs=(node, names),
+            errbackArgs=(node, names),
+        )
 
-        def delivered(response: Response) -> Delivery:
-            self.counters[f"out.responses.{channel}.{response.code}"] += 1
-            return Delivery(
-                node=node,
-                code=response.code,
-                reason=response.reason,
-                body=response.body,
-                contentType=response.headers.get("content-type"),
-            )
+    def _delivered(self, response: Response, node: Node, names: _ChannelCounters) -> Delivery:
+        self.counters[names.outResponses[response.code]] += 1
+        return Delivery(
+            node=node,
+            code=response.code,
+            reason=response.reason,
+            body=response.body,
+            contentType=response.headers.get("content-type"),
+        )
 
-        def failed(failure: Failure) -> Failure:
-            if failure.check(TooManyTransactions):
-                code, reason = 503, "Too many open transactions"
-            else:
-                code, reason = 408, "Request Timeout"
-            self.counters[f"out.failures.{channel}.{code}"] += 1
-            return Failure(DeliveryFailed(node, code, reason))
-
-        return d.addCallbacks(delivered, failed)
+    def _deliveryFailed(self, failure: Failure, node: Node, names: _ChannelCounters) -> Failure:
+        if failure.check(TooManyTransactions):
+            code, reason = 503, "Too many open transactions"
+        else:
+            code, reason = 408, "Request Timeout"
+        self.counters[names.outFailures[code]] += 1
+        return Failure(DeliveryFailed(node, code, reason))
 
     def broadcast(
         self,
@@ -310,7 +389,8 @@ class DMQBus:
         if peer is None:
             self.counters["in.unknown_channel"] += 1
             return self._respond(request, 404, "User Not Found")
-        self.counters[f"in.requests.{channel}"] += 1
+        names = self._channelCounters(channel)
+        self.counters[names.inRequests] += 1
         message = DMQMessage(
             channel=channel,
             body=request.body,
@@ -356,7 +436,7 @@ class DMQBus:
             # as a node list and locks up on a line it cannot parse: never send it.
             code, reason = 202, "Accepted"
             self.counters["out.downgraded_200_with_body"] += 1
-        self.counters[f"in.responses.{channel}.{code}"] += 1
+        self.counters[self._channelCounters(channel).inResponses[code]] += 1
         return self._respond(request, code, reason, answer.body, answer.contentType)
 
     def _peerFailed(self, failure: Failure, request: Request, channel: str) -> Response:

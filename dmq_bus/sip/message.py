@@ -100,7 +100,9 @@ class Headers:
 
     def get(self, name: str) -> str | None:
         """The first value of header C{name}, or None."""
-        slot = self._index.get(canonicalName(name))
+        # the index's keys are canonical names, so a hit with C{name} as
+        # given (the usual lower-case full name) is the right one
+        slot = self._index.get(name) or self._index.get(canonicalName(name))
         return None if slot is None else self.fields[slot[0]][1]
 
     def getAll(self, name: str) -> list[str]:
@@ -313,20 +315,36 @@ def makeResponse(
     fields = requestHeaders.fields
     index = requestHeaders._index
     out = [fields[i] for i in index.get("via", ())]
+    # the response's own index, built along (its names are canonical keys)
+    outIndex: dict[str, list[int]] = {"via": list(range(len(out)))} if out else {}
     for key in ("to", "from", "cseq", "call-id"):
         slot = index.get(key)
         if slot is not None:
             name, value = fields[slot[0]]
             if key == "to" and toTag is not None and code != 100 and not _hasTag(value):
                 value = f"{value};tag={toTag}"
+            outIndex[key] = [len(out)]
             out.append((name, value))
     if contentType is not None and body:
+        outIndex["content-type"] = [len(out)]
         out.append(("Content-Type", contentType))
-    out.extend(extra)
+    for name, value in extra:
+        key = canonicalName(name)
+        slot = outIndex.get(key)
+        if slot is None:
+            outIndex[key] = [len(out)]
+        else:
+            slot.append(len(out))
+        out.append((name, value))
+    slot = outIndex.get("content-length")
+    if slot is None:
+        outIndex["content-length"] = [len(out)]
+    else:
+        slot.append(len(out))
     out.append(("Content-Length", str(len(body))))
     return Response(
         code=code,
         reason=reason if reason is not None else REASON_PHRASES.get(code, "Unknown"),
-        headers=Headers(tuple(out)),
+        headers=Headers._prebuilt(tuple(out), outIndex),
         body=body,
     )

@@ -10,14 +10,17 @@ carried a message: it gets a parsed message and an L{Origin}.
 
 from __future__ import annotations
 
+import errno
 import socket
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 import attrs
+from twisted.internet import udp
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import MessageLengthError
 from twisted.internet.interfaces import (
     IAddress,
     IConnector,
@@ -360,7 +363,11 @@ class SIPTransportLayer:
         C{tcp.connect_failed}, C{tcp.idle_closed}, C{keepalives} (CRLF
         keep-alives in and pings answered), C{oversize}, C{send_errors}
         (every message that could not be sent, whatever the reason),
-        C{receiver_errors}, C{dropped_no_receiver}.
+        C{receiver_errors}, C{dropped_no_receiver}; C{udp.send_buffer_full}
+        (a datagram not sent because the socket's send buffer was full, also
+        a send error) and C{udp.send_refused} (the kernel reported an
+        earlier datagram refused; the datagram counts as sent, as Twisted
+        treats it).
     """
 
     log = Logger()
@@ -489,16 +496,62 @@ class SIPTransportLayer:
                 destination,
             )
             return
-        transport = self._udp.transport
+        udpProtocol = self._udp
+        transport = udpProtocol.transport
         if transport is None:
             self._sendFailed(onError, TransportNotReady("UDP socket not listening"), destination)
             return
+        host = destination.host
+        sendto = udpProtocol.sendto
+        if sendto is not None and host in udpProtocol.checkedHosts:
+            self._sendto(sendto, data, (host, destination.port), destination, onError)
+            return
         try:
-            transport.write(data, (destination.host, destination.port))
+            transport.write(data, (host, destination.port))
+        except BlockingIOError:
+            self.counters["udp.send_buffer_full"] += 1
+            self._sendFailed(onError, _failure(), destination)
+            return
         except Exception:
             self._sendFailed(onError, _failure(), destination)
             return
+        if sendto is not None:
+            udpProtocol.hostChecked(host)
         self.counters["udp.sent"] += 1
+
+    def _sendto(
+        self,
+        sendto: Callable[[bytes, tuple[str, int]], int],
+        data: bytes,
+        addr: tuple[str, int],
+        destination: Address,
+        onError: OnError | None,
+    ) -> None:
+        """
+        Send a datagram straight through the socket (what C{udp.Port.write}
+        does once the address is known to suit the socket, without checking
+        the address again), with Twisted's error handling: retried on
+        EINTR, L{MessageLengthError} on EMSGSIZE, ECONNREFUSED ignored.
+        """
+        while True:
+            try:
+                sendto(data, addr)
+            except InterruptedError:
+                continue
+            except BlockingIOError:
+                self.counters["udp.send_buffer_full"] += 1
+                self._sendFailed(onError, _failure(), destination)
+                return
+            except ConnectionRefusedError:
+                self.counters["udp.send_refused"] += 1
+            except OSError as e:
+                if e.errno == errno.EMSGSIZE:
+                    self._sendFailed(onError, MessageLengthError("message too long"), destination)
+                else:
+                    self._sendFailed(onError, _failure(), destination)
+                return
+            self.counters["udp.sent"] += 1
+            return
 
     def _sendStream(self, data: bytes, destination: Address, onError: OnError | None) -> None:
         stream = self._byAddress.get(destination)
@@ -719,12 +772,42 @@ class SIPDatagramProtocol(DatagramProtocol):
 
     noisy = False
 
+    CHECKED_HOSTS_LIMIT = 4096
+    """Most destination hosts remembered in L{checkedHosts}."""
+
     def __init__(self, layer: SIPTransportLayer) -> None:
         self._layer = layer
+        self.sendto: Callable[[bytes, tuple[str, int]], int] | None = None
+        """
+        The C{sendto} of the socket when the transport is a real unconnected
+        C{udp.Port}, to send without its per-datagram address checks; None
+        otherwise (every datagram then goes through C{transport.write}).
+        """
+        self.checkedHosts: set[str] = set()
+        """
+        Destination hosts C{transport.write} accepted once (IP literals of
+        the socket's family): datagrams to them go straight to L{sendto}.
+        """
+
+    def hostChecked(self, host: str) -> None:
+        """Remember that C{transport.write} accepted C{host}."""
+        checked = self.checkedHosts
+        if len(checked) >= self.CHECKED_HOSTS_LIMIT:
+            checked.clear()
+        checked.add(host)
 
     def startProtocol(self) -> None:
-        """Enlarge the socket's buffers (L{TransportLimits.udpSocketBuffer})."""
-        sock = getattr(self.transport, "socket", None)
+        """
+        Enlarge the socket's buffers (L{TransportLimits.udpSocketBuffer})
+        and find its C{sendto} (see L{sendto}).
+        """
+        transport = self.transport
+        self.checkedHosts = set()
+        self.sendto = None
+        # a connected port (never ours) checks each address against its peer
+        if isinstance(transport, udp.Port) and not transport._connectedAddr:
+            self.sendto = transport.socket.sendto
+        sock = getattr(transport, "socket", None)
         if sock is None:
             return
         layer = self._layer
@@ -743,6 +826,11 @@ class SIPDatagramProtocol(DatagramProtocol):
         got = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
         layer.counters["udp.receive_buffer"] = got
         layer.log.debug("UDP receive buffer: {size} bytes", size=got)
+
+    def stopProtocol(self) -> None:
+        """The socket is closed: send nothing more through it."""
+        self.sendto = None
+        self.checkedHosts = set()
 
     def datagramReceived(self, datagram: bytes, addr: Any) -> None:
         """Parse one datagram from C{addr} and hand it to the receiver."""

@@ -53,7 +53,12 @@ def _parseParams(text: str, offset: int) -> Params:
     if not text:
         return ()
     out: list[tuple[str, str | None]] = []
-    for part in _splitOutsideQuotes(text.lstrip(";"), ";"):
+    text = text.lstrip(";")
+    # the usual parameters (branch=..., tag=...) hold no quotes or brackets
+    parts = (
+        text.split(";") if '"' not in text and "<" not in text else _splitOutsideQuotes(text, ";")
+    )
+    for part in parts:
         part = part.strip()
         if not part:
             raise SIPParseError("empty parameter", offset)
@@ -370,6 +375,21 @@ class Via:
     def parse(cls, text: str, offset: int = 0) -> Via:
         """Parse one Via value (no commas)."""
         text = text.strip()
+        head, semi, paramText = text.partition(";")
+        sentBy = _parsedViaHeads.get(head)
+        if sentBy is None:
+            return cls._parse(text, head, offset)
+        protocol, transport, host, port = sentBy
+        params = _parseParams(paramText, offset) if semi else ()
+        return cls(transport=transport, host=host, port=port, params=params, protocol=protocol)
+
+    @classmethod
+    def _parse(cls, text: str, head: str, offset: int) -> Via:
+        """
+        Parse the stripped Via value C{text} whose part before the first
+        semicolon is C{head}; remember what that part gave when it holds
+        the protocol and sent-by whole (it has a blank).
+        """
         proto, sp, rest = text.partition(" ")
         if not sp:
             # tolerate tabs or several spaces between protocol and sent-by
@@ -386,7 +406,20 @@ class Via:
         hostport, semi, paramText = rest.partition(";")
         host, port = splitHostPort(hostport.strip(), offset)
         params = _parseParams(paramText, offset) if semi else ()
+        if " " in head and len(_parsedViaHeads) < _PARSED_VIA_HEADS_LIMIT:
+            _parsedViaHeads[head] = (protocol, transport, host, port)
         return cls(transport=transport, host=host, port=port, params=params, protocol=protocol)
+
+
+_PARSED_VIA_HEADS_LIMIT = 1024
+"""
+Most Via heads (C{SIP/2.0/UDP host:port}, the text before the parameters)
+L{Via.parse} remembers. A node meets few distinct senders, while each Via
+has its own branch: only the parameters are parsed for every message.
+"""
+
+_parsedViaHeads: dict[str, tuple[str, str, str, int | None]] = {}
+"""Via heads to the C{(protocol, transport, host, port)} they parse to."""
 
 
 def splitCommaValues(text: str) -> list[str]:
