@@ -7,7 +7,7 @@ return a Deferred"; no method here ever blocks the reactor.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from zope.interface import Attribute, Interface
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
         Node,
         PeerResponse,
     )
+    from dmq_bus.peers.observed import Observation
     from dmq_bus.sip.address import Address, Origin
     from dmq_bus.sip.errors import SIPParseError
     from dmq_bus.sip.message import Message, Request, Response
@@ -278,3 +279,39 @@ class IHashTables(Interface):
 
     def tables() -> list[IHashTable]:
         """Every declared table, in declaration order."""
+
+
+# ---------------------------------------------------------------------------
+# Other Kamailio channels, observed read-only
+
+
+class IObservedChannel(Interface):
+    """
+    A read-only view of one DMQ channel another application (Kamailio's
+    dialog, dmq_usrloc or presence module) replicates: what arrived,
+    decoded. No method blocks. Implemented by the C{dialog}, C{usrloc} and
+    C{presence} peers of L{dmq_bus.peers.observed}.
+    """
+
+    channel = Attribute("str: the observed channel, e.g. 'usrloc'.")
+
+    def addObserver(observer: Callable[[Observation], None]) -> Callable[[], None]:
+        """
+        Call C{observer} with every L{Observation} (each item of a batch
+        on its own), in arrival order. Returns the function that removes
+        it (safe to call twice). Observers must not block; their exceptions
+        are logged, counted and ignored.
+        """
+
+    def counts() -> Mapping[str, int]:
+        """How many items of each kind arrived (C{update}, C{sync}, ...)."""
+
+    def recent() -> Sequence[Observation]:
+        """The last items received, oldest first (at most the record limit)."""
+
+    def summary() -> dict[str, Any]:
+        """
+        A JSON-ready summary for C{dmq.stats}: C{channel}, C{messages},
+        C{counts} (per kind), C{answers} (per SIP code), C{limit} and
+        C{recent} (the last items as dicts, oldest first).
+        """
