@@ -5,10 +5,16 @@ The control API: JSON-RPC 2.0 over HTTP at C{POST /RPC}, speaking Kamailio
 C{tests/test_control.py}), so what works against C{kamcmd}/C{jsonrpcs} on a
 Kamailio node works against a dmq-bus node too.
 
-Methods (see L{ControlAPI}): C{dmq.list_nodes}, C{dmq.remove}, C{dmq.stats}
-(ours), and, when the node holds hash tables, C{htable.get}, C{htable.sets},
+Methods (see L{ControlAPI}): C{dmq.list_nodes}, C{dmq.remove}, C{dmq.add}
+and C{dmq.change_status} (Kamailio 6.x names), C{dmq.stats} (ours), and,
+when the node holds hash tables, C{htable.get}, C{htable.sets},
 C{htable.seti}, C{htable.setex}, C{htable.delete}, C{htable.dump},
-C{htable.reload}; plus C{system.listMethods} and C{system.methodHelp}.
+C{htable.reload}, C{htable.stats}, C{htable.listTables}; plus
+C{system.listMethods} and C{system.methodHelp}.
+
+The same site also serves C{GET /metrics} (Prometheus text format 0.0.4,
+see L{dmq_bus.metrics}) and C{GET /events} (membership changes as a
+Server-Sent Events stream, see L{MembershipEvents}).
 
 The API has no authentication: listen on loopback only (the default
 endpoint does; any other interface is logged as a warning).
@@ -29,7 +35,12 @@ Where we differ from Kamailio on purpose:
     given by name (an object) as well as by position;
   - C{htable.seti} refuses a value outside 32 bits (Kamailio wraps it);
   - C{dmq.list_nodes} gives C{last_notification} as the clock time of the
-    node's last notification (Kamailio 5.6.3 always gives 0).
+    node's last notification (Kamailio 5.6.3 always gives 0);
+  - C{dmq.add} adds a node as C{pending} unless its URI says C{;status=}
+    (Kamailio 6.x adds it C{active}: 6.1 has no pending), and
+    C{dmq.change_status} takes our four status words (and 6.1's
+    C{not_active}, read as C{timeout}); see L{ControlAPI.addNode} and
+    L{ControlAPI.changeStatus}.
 """
 
 from __future__ import annotations
@@ -38,7 +49,7 @@ import io
 import ipaddress
 import json
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast
 
@@ -47,15 +58,24 @@ from twisted.application.service import Service
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
-from twisted.internet.interfaces import IListeningPort, IStreamServerEndpoint
+from twisted.internet.interfaces import (
+    IListeningPort,
+    IPushProducer,
+    IReactorTime,
+    IStreamServerEndpoint,
+)
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET, Request, Site
+from zope.interface import implementer
 
+from dmq_bus import __version__, metrics
 from dmq_bus.bus.dispatch import DMQBus
-from dmq_bus.bus.values import Node, NodeStatus, isIPLiteral
-from dmq_bus.interfaces import IHashTable, IHashTables
+from dmq_bus.bus.nodelist import NODE_TRANSPORTS
+from dmq_bus.bus.values import MembershipEvent, Node, NodeStatus, isIPLiteral
+from dmq_bus.interfaces import IHashTable, IHashTables, IObservedChannel
 from dmq_bus.sip.errors import SIPParseError
 from dmq_bus.sip.uri import SIPURI, stripBrackets
 
@@ -63,7 +83,34 @@ DEFAULT_CONTROL_ENDPOINT = "tcp:8060:interface=127.0.0.1"
 """Where the control API listens unless told otherwise (a Twisted endpoint string)."""
 
 RPC_PATH = b"RPC"
-"""The one path the API answers on: C{/RPC}, as Kamailio's xhttp_rpc/jsonrpcs."""
+"""Where JSON-RPC is answered: C{/RPC}, as Kamailio's xhttp_rpc/jsonrpcs."""
+
+METRICS_PATH = b"metrics"
+"""C{GET /metrics}: Prometheus text format 0.0.4 (see L{dmq_bus.metrics})."""
+
+EVENTS_PATH = b"events"
+"""C{GET /events}: membership changes as Server-Sent Events (see L{MembershipEvents})."""
+
+HEARTBEAT_INTERVAL = 15.0
+"""
+Seconds between the comment lines (C{: heartbeat}) written to every
+C{/events} client, so that proxies and clients see the stream alive.
+"""
+
+MAX_EVENT_BACKLOG = 1000
+"""
+Most writes (events and heartbeats) one C{/events} client may fall behind
+by: what its connection cannot take yet waits in its queue, and a client
+whose queue grows past this is disconnected (counted as
+C{events.clients_dropped_slow}). With no membership changes at all, a
+client that reads nothing is dropped after this many heartbeats.
+"""
+
+MAX_EVENT_CLIENTS = 64
+"""
+Most C{/events} clients at once; one more is answered C{503} (counted as
+C{events.clients_refused_limit}).
+"""
 
 MAX_REQUEST_BODY = 1024 * 1024
 """
@@ -100,6 +147,16 @@ SET_OK = "Ok. Key set to new value."
 SETEX_OK = "Ok"
 DELETE_OK = "Ok. Key deleted."
 REMOVE_OK = "Ok. DMQ node removed."
+ADD_OK = "Ok. DMQ node added."
+NODE_ALREADY_ADDED = "Node is already added"
+NODE_NOT_FOUND = "Node Not Found"
+NODE_IS_LOCAL = "Node is local"
+STATUS_CHANGED = "Ok. DMQ node status changed."
+STATUS_ALREADY = "Ok. DMQ node status is already {word}."
+INVALID_STATUS = "Invalid Status - use: active, disabled, pending, timeout"
+INVALID_PARAMETERS = "Invalid Parameters"
+FAILURE = "Failure"
+NO_HTABLES = "No htables"
 SET_FAILED = "Failed to set the item"
 NEVER = "NEVER"
 
@@ -280,9 +337,12 @@ def nodeEntry(node: Node) -> dict[str, Any]:
 class ControlAPI:
     """
     The JSON-RPC methods of one node and the JSON-RPC 2.0 protocol around
-    them. Add methods with L{register}; nothing here blocks.
+    them, its metrics (L{metricFamilies}) and its membership event stream
+    (L{events}). Add methods with L{register}; nothing here blocks.
 
     @ivar methods: the registry, method name -> L{RPCMethod}.
+    @ivar events: the L{MembershipEvents} behind C{GET /events}, on the
+        bus's clock.
     """
 
     log = Logger()
@@ -296,6 +356,7 @@ class ControlAPI:
         self.bus = bus
         self.tables = tables
         self.stats = stats
+        self.events = MembershipEvents(bus.addMembershipObserver, bus.clock)
         self.methods: dict[str, RPCMethod] = {}
         self._registerDMQ()
         if tables is not None:
@@ -441,7 +502,25 @@ class ControlAPI:
                 self.removeNode,
                 (Param("uri"),),
                 help="Remove a DMQ node",
-                tooFew=RPCError(KAMAILIO_FAULT, "Invalid Parameters"),
+                tooFew=RPCError(KAMAILIO_FAULT, INVALID_PARAMETERS),
+            )
+        )
+        self.register(
+            RPCMethod(
+                "dmq.add",
+                self.addNode,
+                (Param("uri"),),
+                help="Add a DMQ node",
+                tooFew=RPCError(KAMAILIO_FAULT, INVALID_PARAMETERS),
+            )
+        )
+        self.register(
+            RPCMethod(
+                "dmq.change_status",
+                self.changeStatus,
+                (Param("uri"), Param("status")),
+                help="Change the status of a DMQ node",
+                tooFew=RPCError(KAMAILIO_FAULT, INVALID_PARAMETERS),
             )
         )
         self.register(
@@ -470,24 +549,116 @@ class ControlAPI:
         try:
             parsed = SIPURI.parse(uri)
         except SIPParseError:
-            raise RPCError(KAMAILIO_FAULT, "Failure") from None
+            raise RPCError(KAMAILIO_FAULT, FAILURE) from None
         node = self.bus.nodeList.find(parsed)
         if node is not None and self.bus.nodeList.remove(node.key) is not None:
             self.log.info("node {node} removed through the control API", node=str(node))
         return REMOVE_OK
+
+    def addNode(self, uri: str) -> str:
+        """
+        C{dmq.add} (Kamailio 6.x): add the node C{uri} names (host, port,
+        transport) to the list, as C{pending} unless the URI has a
+        C{;status=} word (C{active}, C{pending}, C{disabled}, C{timeout} or
+        C{not_active}). A pending node is pinged with every other node each
+        ping interval: its first 200 makes it active (and listed to the
+        bus, and sent broadcasts); if it does not answer it is disabled,
+        then removed, as any node. Kamailio 6.x adds it C{active} at once
+        (6.1 has no pending state); we do not vouch for a node to the bus
+        before it has answered us. A node held back after a failure (see
+        L{dmq_bus.bus.nodelist.NodeList.remove}) is released.
+        @raise RPCError: C{500 Node is already added} when the list has a
+            node of that identity (this node included); C{500 Failure} when
+            C{uri} is not a SIP URI, its host not an IP literal, its
+            transport or status unknown, or the node list is full (the
+            reason in C{data}).
+        """
+        try:
+            parsed = SIPURI.parse(uri)
+        except SIPParseError:
+            raise RPCError(KAMAILIO_FAULT, FAILURE, "not a SIP URI") from None
+        nodeList = self.bus.nodeList
+        if nodeList.find(parsed) is not None:
+            raise RPCError(KAMAILIO_FAULT, NODE_ALREADY_ADDED)
+        if not isIPLiteral(parsed.host):
+            raise RPCError(KAMAILIO_FAULT, FAILURE, "the host must be an IP address")
+        transport = parsed.param("transport")
+        if transport is not None and transport.lower() not in NODE_TRANSPORTS:
+            raise RPCError(KAMAILIO_FAULT, FAILURE, f"unknown transport {transport!r}")
+        word = parsed.param("status")
+        status = NodeStatus.PENDING if word is None else NodeStatus.fromWord(word)
+        if status is None:
+            raise RPCError(KAMAILIO_FAULT, FAILURE, f"unknown status {word!r}")
+        node = Node.fromURI(parsed, status)
+        nodeList.forgive(node.key)
+        if nodeList.add(node) is None:
+            raise RPCError(
+                KAMAILIO_FAULT, FAILURE, f"the node list is full ({nodeList.maxNodes} nodes)"
+            )
+        self.log.info(
+            "node {node} added as {status} through the control API",
+            node=str(node),
+            status=status.word,
+        )
+        return ADD_OK
+
+    def changeStatus(self, uri: str, word: str) -> str:
+        """
+        C{dmq.change_status} (Kamailio 6.x): set the status of the non-local
+        node C{uri} names to C{word}: C{active}, C{disabled}, C{pending} or
+        C{timeout} (C{not_active}, 6.1's word, is read as C{timeout}). The
+        change is local and published as a membership event; the node list's
+        rules apply from there on (a disabled node's next 200 makes it
+        active again, a failed ping disables it). Answers, as Kamailio 6.x:
+        C{Ok. DMQ node status changed.}, or C{Ok. DMQ node status is
+        already WORD.} when nothing changes.
+        @raise RPCError: C{500 Invalid Status - use: ...} for another word
+            (checked first, as Kamailio does); C{500 Node Not Found} when
+            no node matches (also for a C{uri} that does not parse);
+            C{500 Node is local} for this node.
+        """
+        status = NodeStatus.fromWord(word)
+        if status is None:
+            raise RPCError(KAMAILIO_FAULT, INVALID_STATUS)
+        try:
+            node = self.bus.nodeList.find(SIPURI.parse(uri))
+        except SIPParseError:
+            node = None
+        if node is None:
+            raise RPCError(KAMAILIO_FAULT, NODE_NOT_FOUND)
+        if node.local:
+            raise RPCError(KAMAILIO_FAULT, NODE_IS_LOCAL)
+        if node.status is status:
+            return STATUS_ALREADY.format(word=word)
+        self.bus.nodeList.setStatus(node.key, status)
+        self.log.info(
+            "node {node} set {status} (was {previous}) through the control API",
+            node=str(node),
+            status=status.word,
+            previous=node.status.word,
+        )
+        return STATUS_CHANGED
+
+    def _nodesPerStatus(self) -> dict[str, int]:
+        """How many nodes have each status word, the local node included."""
+        perStatus: Counter[str] = Counter({s.word: 0 for s in NodeStatus})
+        perStatus.update(n.status.word for n in self.bus.nodes())
+        return dict(perStatus)
 
     def busStats(self) -> dict[str, Any]:
         """
         C{dmq.stats} (ours): C{node} (the local URI), C{counters} (every
         counter and gauge of every layer), C{peers} (C{channel},
         C{description}, in registration order), C{nodes} (how many nodes
-        per status word, the local node included, and C{total}) and
-        C{transactions} (C{client_open}, C{server_open}).
+        per status word, the local node included, and C{total}),
+        C{transactions} (C{client_open}, C{server_open}), C{events}
+        (the C{/events} stream: C{clients}, C{backlog} and its counters)
+        and C{observed} (per observed Kamailio channel, its
+        L{IObservedChannel.summary}: counts and the last items).
         """
         counters = dict(self.stats())
-        perStatus: Counter[str] = Counter({s.word: 0 for s in NodeStatus})
+        perStatus = self._nodesPerStatus()
         nodes = self.bus.nodes()
-        perStatus.update(n.status.word for n in nodes)
         return {
             "node": str(self.bus.localNode.uri),
             "counters": counters,
@@ -500,7 +671,50 @@ class ControlAPI:
                 "client_open": counters.get("transactions.client_open", 0),
                 "server_open": counters.get("transactions.server_open", 0),
             },
+            "events": {"clients": self.events.clientCount, "backlog": self.events.backlog}
+            | {name.removeprefix("events."): n for name, n in sorted(self.events.counters.items())},
+            "observed": {
+                str(p.channel): IObservedChannel(p).summary()
+                for p in self.bus.peers()
+                if IObservedChannel.providedBy(p)
+            },
         }
+
+    # -- metrics
+
+    def metricFamilies(self) -> list[metrics.MetricFamily]:
+        """
+        What C{GET /metrics} shows: every counter of L{stats} and of the
+        event stream through L{dmq_bus.metrics.FAMILIES}, and gauges of the
+        node's state: nodes per status (the local node included), cells
+        per table, completed transactions kept, event stream clients and
+        backlog, and C{dmq_node_info}.
+        """
+        counters: dict[str, float] = dict(self.stats())
+        counters.update(self.events.counters)
+        state: dict[str, list[metrics.Sample]] = {
+            "dmq_nodes": [((("status", w),), n) for w, n in self._nodesPerStatus().items()],
+            "dmq_events_clients": [((), self.events.clientCount)],
+            "dmq_events_backlog": [((), self.events.backlog)],
+            "dmq_node_info": [
+                ((("uri", str(self.bus.localNode.uri)), ("version", __version__)), 1)
+            ],
+        }
+        if self.tables is not None:
+            state["dmq_htable_cells"] = [
+                ((("table", t.name),), len(t)) for t in self.tables.tables()
+            ]
+        completed: list[metrics.Sample] = []
+        for side, attribute in (
+            ("client", "completedClientTransactions"),
+            ("server", "completedServerTransactions"),
+        ):
+            # the transaction layer's statistics, where the bus runs on one
+            value = getattr(self.bus.client, attribute, None)
+            if isinstance(value, int):
+                completed.append(((("side", side),), value))
+        state["dmq_sip_transactions_completed"] = completed
+        return metrics.collect(counters, state)
 
     # -- htable.*
 
@@ -563,8 +777,66 @@ class ControlAPI:
                 help="Reload hash table from database.",
                 tooFew=RPCError(KAMAILIO_FAULT, "No htable db_url"),
             ),
+            RPCMethod("htable.stats", self.tableStats, help="Statistics about htables."),
+            RPCMethod("htable.listTables", self.listTables, help="List all htables."),
         ):
             self.register(method)
+
+    def _allTables(self) -> list[IHashTable]:
+        """
+        Every table, in Kamailio's order (the last declared first: its
+        htable module prepends each table to its list).
+        @raise RPCError: C{500 No htables} when there is none.
+        """
+        tables = [] if self.tables is None else list(reversed(self.tables.tables()))
+        if not tables:
+            raise RPCError(KAMAILIO_FAULT, NO_HTABLES)
+        return tables
+
+    def tableStats(self) -> list[dict[str, Any]]:
+        """
+        C{htable.stats}: per table, Kamailio 5.6.3's C{{name, slots, all,
+        min, max}}: the number of slots, of cells, and the fewest and most
+        cells in one slot, with the cells placed in slots as Kamailio places
+        them (see L{KAMAILIO_HTABLE_SLOTS}); so the same keys give the same
+        answer on both.
+        """
+        answer = []
+        for table in self._allTables():
+            perSlot = Counter(
+                kamailioHash(key) & (KAMAILIO_HTABLE_SLOTS - 1) for key, _, _ in table.items()
+            )
+            counts = list(perSlot.values())
+            answer.append(
+                {
+                    "name": table.name,
+                    "slots": KAMAILIO_HTABLE_SLOTS,
+                    "all": sum(counts),
+                    "min": min(counts) if len(perSlot) == KAMAILIO_HTABLE_SLOTS else 0,
+                    "max": max(counts, default=0),
+                }
+            )
+        return answer
+
+    def listTables(self) -> list[dict[str, Any]]:
+        """
+        C{htable.listTables}: per table, Kamailio 5.6.3's C{{name, dbtable,
+        dbmode, expire, updateexpire, size, dmqreplicate}}. Ours have no
+        database (C{dbtable} empty, C{dbmode} 0), renew the expiry on every
+        set (C{updateexpire} 1) and have L{KAMAILIO_HTABLE_SLOTS} slots.
+        """
+        return [
+            {
+                "name": table.name,
+                "dbtable": "",
+                "dbmode": 0,
+                "expire": int(table.defaultExpire),
+                "updateexpire": 1,
+                "size": KAMAILIO_HTABLE_SLOTS,
+                "dmqreplicate": 1 if _replicates(table) else 0,
+            }
+            for table in self._allTables()
+        ]
 
     def _table(self, name: str) -> IHashTable:
         table = None if self.tables is None else self.tables.table(name)
@@ -671,6 +943,16 @@ class ControlAPI:
         raise RPCError(KAMAILIO_FAULT, "No htable db_url")
 
 
+def _replicates(table: IHashTable) -> bool:
+    """
+    Whether C{table} replicates over DMQ: its C{spec.replicate} when it has
+    one (L{dmq_bus.peers.htable.HashTable}), else True (IHashTable does not
+    say).
+    """
+    spec = getattr(table, "spec", None)
+    return bool(getattr(spec, "replicate", True))
+
+
 def _refuseConstant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
@@ -720,6 +1002,232 @@ class BoundedBody(io.BytesIO):
         return len(data)
 
 
+# ---------------------------------------------------------------------------
+# GET /events: membership changes as Server-Sent Events
+
+
+def membershipEventData(event: MembershipEvent, when: float) -> dict[str, Any]:
+    """
+    The C{data} of one C{membership} event: C{change} (C{added},
+    C{status}, C{removed}), C{node} (its URI), C{status} (its status word
+    after the change; for a removal, the last it had), C{previous} (the
+    word before a C{status} change, else null) and C{time} (clock seconds).
+    """
+    return {
+        "change": event.change.value,
+        "node": str(event.node.uri),
+        "status": event.node.status.word,
+        "previous": None if event.previous is None else event.previous.word,
+        "time": when,
+    }
+
+
+def _disconnected(request: Request) -> bool:
+    """Whether C{request}'s connection is gone (twisted.web sets C{_disconnected})."""
+    return bool(getattr(request, "_disconnected", False))
+
+
+def _abort(request: Request) -> None:
+    """Drop C{request}'s connection at once, unsent data included."""
+    transport = getattr(getattr(request, "channel", None), "transport", None)
+    abort = getattr(transport, "abortConnection", None)
+    if callable(abort):
+        abort()
+    else:
+        request.loseConnection()
+
+
+@implementer(IPushProducer)
+class EventClient:
+    """
+    One C{/events} client: a push producer registered on its request, so
+    that the connection tells it when to pause. While paused (or while
+    anything waits), what it is given waits in its backlog.
+
+    @ivar backlog: writes waiting for the connection to take them.
+    @ivar paused: whether the connection asked for a pause.
+    """
+
+    def __init__(self, request: Request, stream: MembershipEvents) -> None:
+        self.request = request
+        self.stream = stream
+        self.backlog: deque[bytes] = deque()
+        self.paused = False
+
+    def send(self, data: bytes) -> bool:
+        """
+        Write C{data}, or queue it while the connection cannot take it.
+        False when the backlog is over the stream's C{maxBacklog}: the
+        client has fallen too far behind.
+        """
+        if self.paused or self.backlog:
+            self.backlog.append(data)
+            return len(self.backlog) <= self.stream.maxBacklog
+        self.request.write(data)
+        return True
+
+    def pauseProducing(self) -> None:
+        """The connection's buffer is full: queue from now on."""
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        """The connection can take more: write the backlog, oldest first."""
+        self.paused = False
+        while self.backlog and not self.paused:
+            self.request.write(self.backlog.popleft())
+
+    def stopProducing(self) -> None:
+        """The connection is gone."""
+        self.stream.detach(self)
+
+
+class MembershipEvents:
+    """
+    The membership changes of one node, fanned out to the C{GET /events}
+    clients as Server-Sent Events (C{text/event-stream}). Each change is
+    one event::
+
+        id: 7
+        event: membership
+        data: {"change":"status","node":"sip:10.0.0.2:5060","status":"disabled",
+               "previous":"active","time":1764412345.5}
+
+    (C{data} on one line; see L{membershipEventData}); C{id} counts the
+    events of this stream from 1. Every C{heartbeat} seconds each client
+    gets a comment line C{: heartbeat}. There is no replay: a client that
+    reconnects (C{Last-Event-ID} is ignored) gets the changes from then
+    on; read C{dmq.list_nodes} for the current state.
+
+    The stream observes the bus only while it has clients. Each client has
+    its own queue, bounded by C{maxBacklog} (see L{MAX_EVENT_BACKLOG});
+    at most C{maxClients} clients at once (see L{MAX_EVENT_CLIENTS}).
+    A client is removed when it disconnects.
+
+    @ivar counters: C{events.sent} (writes of an event to a client),
+        C{events.clients_accepted}, C{events.clients_refused_limit},
+        C{events.clients_dropped_slow}.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        subscribe: Callable[[Callable[[MembershipEvent], None]], Callable[[], None]],
+        clock: IReactorTime,
+        heartbeat: float = HEARTBEAT_INTERVAL,
+        maxBacklog: int = MAX_EVENT_BACKLOG,
+        maxClients: int = MAX_EVENT_CLIENTS,
+    ) -> None:
+        self.subscribe = subscribe
+        self.clock = clock
+        self.heartbeat = heartbeat
+        self.maxBacklog = maxBacklog
+        self.maxClients = maxClients
+        self.counters: Counter[str] = Counter()
+        self._clients: list[EventClient] = []
+        self._unsubscribe: Callable[[], None] | None = None
+        self._beating: LoopingCall | None = None
+        self._lastID = 0
+
+    @property
+    def clientCount(self) -> int:
+        """How many clients are connected."""
+        return len(self._clients)
+
+    @property
+    def backlog(self) -> int:
+        """How many writes wait in the clients' queues, all clients together."""
+        return sum(len(c.backlog) for c in self._clients)
+
+    def attach(self, request: Request) -> EventClient | None:
+        """
+        Start the event stream on C{request} (headers and a first comment
+        are written at once). None, and nothing written, when
+        C{maxClients} clients are connected already.
+        """
+        if len(self._clients) >= self.maxClients:
+            self.counters["events.clients_refused_limit"] += 1
+            return None
+        request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-cache")
+        request.setHeader(b"x-accel-buffering", b"no")
+        # the stream is quiet between changes: no idle timeout (heartbeats and
+        # the backlog limit look after it)
+        setTimeout = getattr(getattr(request, "channel", None), "setTimeout", None)
+        if callable(setTimeout):
+            setTimeout(None)
+        client = EventClient(request, self)
+        request.registerProducer(client, True)
+        request.write(b": dmq-bus membership events\n\n")
+        self._clients.append(client)
+        self.counters["events.clients_accepted"] += 1
+        request.notifyFinish().addBoth(lambda _: self.detach(client))
+        if self._unsubscribe is None:
+            self._unsubscribe = self.subscribe(self.publish)
+        if self._beating is None:
+            self._beating = LoopingCall(self._beat)
+            self._beating.clock = self.clock
+            self._beating.start(self.heartbeat, now=False)
+        return client
+
+    def detach(self, client: EventClient) -> None:
+        """Forget C{client} (it disconnected or is dropped); idempotent."""
+        if client not in self._clients:
+            return
+        self._clients.remove(client)
+        client.backlog.clear()
+        request = client.request
+        if getattr(request, "producer", None) is client and not _disconnected(request):
+            request.unregisterProducer()
+        if not self._clients:
+            self._idle()
+
+    def _idle(self) -> None:
+        """No client left: stop observing the bus and beating."""
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        if self._beating is not None:
+            if self._beating.running:
+                self._beating.stop()
+            self._beating = None
+
+    def publish(self, event: MembershipEvent) -> None:
+        """Send C{event} to every client (the bus's membership observer)."""
+        self._lastID += 1
+        data = json.dumps(membershipEventData(event, self.clock.seconds()), separators=(",", ":"))
+        self._sendAll(f"id: {self._lastID}\nevent: membership\ndata: {data}\n\n".encode())
+        self.counters["events.sent"] += len(self._clients)
+
+    def _beat(self) -> None:
+        self._sendAll(b": heartbeat\n\n")
+
+    def _sendAll(self, data: bytes) -> None:
+        for client in list(self._clients):
+            if not client.send(data):
+                self._drop(client)
+
+    def _drop(self, client: EventClient) -> None:
+        """Disconnect a client that fell more than C{maxBacklog} writes behind."""
+        self.counters["events.clients_dropped_slow"] += 1
+        self.log.warn(
+            "events client disconnected: more than {limit} writes behind", limit=self.maxBacklog
+        )
+        self.detach(client)
+        _abort(client.request)
+
+    def close(self) -> None:
+        """End every stream (the service stops): finish each response and close."""
+        for client in list(self._clients):
+            self.detach(client)
+            request = client.request
+            if not _disconnected(request):
+                channel = getattr(request, "channel", None)
+                request.finish()
+                if channel is not None:  # no keep-alive: the stream had no idle timeout
+                    channel.loseConnection()
+
+
 class ControlResource(Resource):
     """
     C{/RPC}: JSON-RPC 2.0 over HTTP POST. Answers 200 with the JSON
@@ -767,10 +1275,53 @@ class ControlResource(Resource):
         return NOT_DONE_YET
 
 
+class MetricsResource(Resource):
+    """C{GET /metrics}: the node's metrics in Prometheus text format 0.0.4."""
+
+    isLeaf = True
+
+    def __init__(self, api: ControlAPI) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.api = api
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", metrics.CONTENT_TYPE)
+        return metrics.render(self.api.metricFamilies())
+
+
+class EventsResource(Resource):
+    """
+    C{GET /events}: the membership event stream (see L{MembershipEvents});
+    C{503} past the client limit.
+    """
+
+    isLeaf = True
+
+    def __init__(self, events: MembershipEvents) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.events = events
+
+    def render_GET(self, request: Request) -> bytes | int:
+        if self.events.attach(request) is None:
+            request.setResponseCode(503)
+            request.setHeader(b"content-type", b"text/plain; charset=utf-8")
+            return f"too many event clients (at most {self.events.maxClients})\n".encode()
+        return NOT_DONE_YET
+
+    def render_HEAD(self, request: Request) -> bytes:
+        request.setHeader(b"content-type", b"text/event-stream; charset=utf-8")
+        return b""
+
+
 def makeControlResource(api: ControlAPI, maxBody: int = MAX_REQUEST_BODY) -> Resource:
-    """The site root: L{ControlResource} at C{/RPC}, 404 elsewhere."""
+    """
+    The site root: L{ControlResource} at C{/RPC}, L{MetricsResource} at
+    C{/metrics}, L{EventsResource} at C{/events}, 404 elsewhere.
+    """
     root = Resource()
     root.putChild(RPC_PATH, ControlResource(api, maxBody))
+    root.putChild(METRICS_PATH, MetricsResource(api))
+    root.putChild(EVENTS_PATH, EventsResource(api.events))
     return root
 
 
@@ -867,7 +1418,9 @@ class ControlService(Service):
             d.errback(failure)
 
     def stopService(self) -> Deferred[None] | None:
+        """Stop listening; end the C{/events} streams."""
         super().stopService()  # type: ignore[no-untyped-call]
+        self.api.events.close()
         port, self.port = self.port, None
         if port is None:
             return None

@@ -55,6 +55,7 @@ from dmq_bus.control import (
 )
 from dmq_bus.interfaces import IHashTable, IHashTables
 from dmq_bus.peers.echo import EchoPeer
+from dmq_bus.peers.htable import HTablePeer, TableSpec
 from dmq_bus.service import DMQService, NodeConfig
 from dmq_bus.sip.uri import SIPURI
 from dmq_bus.testing import MemoryNetwork, MemoryNode
@@ -116,6 +117,20 @@ from .interop.kamailio import (
 #   system.methodHelp no.such       -> error {"code": 400, "message": "command not found"}
 #   system.methodHelp               -> error {"code": 400, "message": "Method Name Expected"}
 #   system.listMethods              -> array of method names (strings)
+#   htable.stats (kv empty)         -> [{"name": "kv", "slots": 1024, "all": 0, "min": 0, "max": 0}]
+#   htable.stats (after sets color, Color, a, b; seti n)
+#                                   -> KAMAILIO_HTABLE_STATS below (color and Color share a
+#                                      slot: keys hash case-folded)
+#   htable.stats kv / nosuch        -> the same: parameters are ignored
+#   htable.listTables (and with any parameter) -> KAMAILIO_LIST_TABLES below
+#   system.methodHelp htable.stats  -> "Statistics about htables."
+#   system.methodHelp htable.listTables -> "List all htables."
+#   system.methodHelp dmq.remove    -> "Remove a DMQ node"
+#   dmq.add / dmq.change_status     -> error {"code": 500, "message": "Method Not Found"}
+#                                      (5.6.3 has neither; their 6.x answers, from the
+#                                      Kamailio source, are in dmq_bus.control)
+# Source (htable_rpc_stats, ht_api.c): min/max are the fewest/most cells of one slot over
+# all slots, "No htables" (500) when none is declared, tables listed last declared first.
 #
 # Kamailio quirks we do NOT copy (see dmq_bus.control's docstring):
 #   htable.seti kv k "notint"       -> "Ok. Key set to new value." and stores 0
@@ -177,6 +192,21 @@ KAMAILIO_DUMP_UNICODE: list[dict[str, Any]] = [
     {"entry": 928, "size": 1, "slot": [{"name": "Color", "value": "v", "type": "str"}]},
 ]
 
+KAMAILIO_HTABLE_STATS: list[dict[str, Any]] = [
+    {"name": "kv", "slots": 1024, "all": 5, "min": 0, "max": 2}
+]
+KAMAILIO_LIST_TABLES: list[dict[str, Any]] = [
+    {
+        "name": "kv",
+        "dbtable": "",
+        "dbmode": 0,
+        "expire": 0,
+        "updateexpire": 1,
+        "size": 1024,
+        "dmqreplicate": 1,
+    }
+]
+
 KAMAILIO_GET_STR = {"item": {"name": "color", "value": "blue", "flags": 2, "expire": "NEVER"}}
 KAMAILIO_GET_INT = {"item": {"name": "n", "value": 42, "flags": 0, "expire": "NEVER"}}
 
@@ -205,6 +235,13 @@ KAMAILIO_ERRORS: dict[str, dict[str, Any]] = {
     "remove bad uri": {"code": 500, "message": "Failure"},
     "help unknown": {"code": 400, "message": "command not found"},
     "help too few": {"code": 400, "message": "Method Name Expected"},
+    "no htables": {"code": 500, "message": "No htables"},
+    # Kamailio 6.x (src/modules/dmq/dmq.c, rpc_dmq_add and rpc_dmq_change_status)
+    "add too few": {"code": 500, "message": "Invalid Parameters"},
+    "add twice": {"code": 500, "message": "Node is already added"},
+    "change too few": {"code": 500, "message": "Invalid Parameters"},
+    "change not found": {"code": 500, "message": "Node Not Found"},
+    "change local": {"code": 500, "message": "Node is local"},
 }
 
 
@@ -449,6 +486,126 @@ class ListNodesTests(APITestCase):
         self.assertEqual(len(self.call("dmq.list_nodes")), 2)
 
 
+class MembershipRPCTests(APITestCase):
+    """C{dmq.add} and C{dmq.change_status}, Kamailio 6.x's membership calls."""
+
+    def entry(self, port: str) -> dict[str, Any]:
+        """The dmq.list_nodes entry of the node on C{port}."""
+        return next(e for e in self.call("dmq.list_nodes") if e["port"] == port)
+
+    def test_addPending(self) -> None:
+        """An added node is listed as pending at once, newest first, with 6.x's answer."""
+        self.assertEqual(self.call("dmq.add", "sip:127.0.0.1:27140"), "Ok. DMQ node added.")
+        nodes = self.call("dmq.list_nodes")
+        self.assertEqual((nodes[0]["port"], nodes[0]["status"]), ("27140", "pending"))
+
+    def test_addedNodeThatAnswersBecomesActive(self) -> None:
+        """A node added by hand that is alive turns active with the next ping's answer."""
+        third = self.network.addNode("127.0.0.1", 27140, pingInterval=1.0, pingTimeout=1.0)
+        self.call("dmq.add", "sip:127.0.0.1:27140")
+        self.network.run(1.5)
+        self.assertEqual(self.entry("27140")["status"], "active")
+        self.assertEqual(len(third.bus.nodes()), 3)
+
+    def test_addedNodeThatIsDeadGoes(self) -> None:
+        """A node added by hand that never answers is disabled, then removed, as any node."""
+        self.call("dmq.add", "sip:127.0.0.1:27141")
+        self.network.run(2.5)
+        self.assertEqual(self.entry("27141")["status"], "disabled")
+        self.network.run(3.0)
+        self.assertNotIn("27141", [e["port"] for e in self.call("dmq.list_nodes")])
+
+    def test_addWithStatusAndTransport(self) -> None:
+        """A ;status= word in the URI is the node's first status; a transport is kept."""
+        self.call("dmq.add", "sip:127.0.0.1:27142;transport=tcp;status=disabled")
+        entry = self.call("dmq.list_nodes")[0]
+        self.assertEqual((entry["proto"], entry["status"]), ("tcp", "disabled"))
+
+    def test_addErrors(self) -> None:
+        """Known nodes, this node, bad URIs, hosts and words get 6.x's errors."""
+        self.assertEqual(self.fault("dmq.add"), KAMAILIO_ERRORS["add too few"])
+        self.assertEqual(self.fault("dmq.add", "sip:127.0.0.1:27133"), KAMAILIO_ERRORS["add twice"])
+        self.assertEqual(self.fault("dmq.add", "sip:127.0.0.1:27132"), KAMAILIO_ERRORS["add twice"])
+        for uri in (
+            "not a uri",
+            "sip:node.example.com:5060",
+            "sip:127.0.0.1:27143;transport=sctp",
+            "sip:127.0.0.1:27143;status=sleepy",
+        ):
+            error = self.fault("dmq.add", uri)
+            self.assertEqual((error["code"], error["message"]), (500, "Failure"), uri)
+            self.assertIn("data", error)
+        self.assertEqual(len(self.call("dmq.list_nodes")), 2)
+
+    def test_addWhenFull(self) -> None:
+        """At the node-list limit dmq.add fails, saying so, and adds nothing."""
+        self.node.bus.nodeList.maxNodes = 2
+        error = self.fault("dmq.add", "sip:127.0.0.1:27144")
+        self.assertEqual(error["message"], "Failure")
+        self.assertIn("full", error["data"])
+
+    def test_addReleasesGhostHold(self) -> None:
+        """A node removed for not answering may be added back by hand at once."""
+        other = self.node.bus.nodeList.find(SIPURI.parse("sip:127.0.0.1:27133"))
+        assert other is not None
+        self.node.bus.nodeList.remove(other.key, hold=120.0)
+        self.call("dmq.add", "sip:127.0.0.1:27133")
+        self.assertEqual(self.entry("27133")["status"], "pending")
+
+    def test_changeStatus(self) -> None:
+        """change_status sets the status and answers 6.x's texts, also when nothing changes."""
+        uri = "sip:127.0.0.1:27133"
+        self.assertEqual(
+            self.call("dmq.change_status", uri, "disabled"), "Ok. DMQ node status changed."
+        )
+        self.assertEqual(self.entry("27133")["status"], "disabled")
+        self.assertEqual(
+            self.call("dmq.change_status", uri, "disabled"),
+            "Ok. DMQ node status is already disabled.",
+        )
+        self.call("dmq.change_status", uri, "not_active")
+        self.assertEqual(self.entry("27133")["status"], "timeout")
+        self.call("dmq.change_status", uri, "pending")
+        self.assertEqual(self.entry("27133")["status"], "pending")
+
+    def test_changeStatusEvent(self) -> None:
+        """A change by hand is a membership event like any other."""
+        events: list[Any] = []
+        self.node.bus.addMembershipObserver(events.append)
+        self.call("dmq.change_status", "sip:127.0.0.1:27133", "disabled")
+        self.assertEqual(
+            [(e.change.value, e.node.status.word, e.previous.word) for e in events],
+            [("status", "disabled", "active")],
+        )
+
+    def test_disabledNodeComesBack(self) -> None:
+        """A live node disabled by hand is active again after its next answer (5.6.3's rule)."""
+        self.call("dmq.change_status", "sip:127.0.0.1:27133", "disabled")
+        self.network.run(1.5)
+        self.assertEqual(self.entry("27133")["status"], "active")
+
+    def test_changeStatusErrors(self) -> None:
+        """Unknown words, unknown nodes and this node get 6.x's errors; nothing changes."""
+        self.assertEqual(self.fault("dmq.change_status"), KAMAILIO_ERRORS["change too few"])
+        self.assertEqual(
+            self.fault("dmq.change_status", "sip:127.0.0.1:27133"),
+            KAMAILIO_ERRORS["change too few"],
+        )
+        bad = self.fault("dmq.change_status", "sip:127.0.0.1:27133", "asleep")
+        self.assertEqual(bad["code"], 500)
+        self.assertTrue(bad["message"].startswith("Invalid Status - use: active"))
+        for uri in ("sip:127.0.0.9:5060", "not a uri"):
+            self.assertEqual(
+                self.fault("dmq.change_status", uri, "active"),
+                KAMAILIO_ERRORS["change not found"],
+            )
+        self.assertEqual(
+            self.fault("dmq.change_status", "sip:127.0.0.1:27132", "disabled"),
+            KAMAILIO_ERRORS["change local"],
+        )
+        self.assertEqual([e["status"] for e in self.call("dmq.list_nodes")], ["active"] * 2)
+
+
 class StatsTests(APITestCase):
     """C{dmq.stats}, ours: everything an operator needs in one object."""
 
@@ -587,6 +744,63 @@ class HashTableTests(APITestCase):
         """An empty table dumps to [], as Kamailio's."""
         self.assertEqual(self.call("htable.dump", "kv"), [])
 
+    def test_statsSameAsKamailio(self) -> None:
+        """
+        htable.stats after the same writes answers exactly what Kamailio
+        answered: color and Color share a slot there, and here.
+        """
+        self.assertEqual(
+            self.call("htable.stats"),
+            [{"name": "kv", "slots": 1024, "all": 0, "min": 0, "max": 0}],
+        )
+        for key, value in [("color", "blue"), ("Color", "x"), ("a", "1"), ("b", "2")]:
+            self.call("htable.sets", "kv", key, value)
+        self.call("htable.seti", "kv", "n", 42)
+        self.assertEqual(self.call("htable.stats"), KAMAILIO_HTABLE_STATS)
+
+    def test_statsFullSlots(self) -> None:
+        """min is the fewest cells of one slot: above 0 only once every slot holds one."""
+        for i in range(10_000):
+            self.kv.set(f"k{i}", i)
+        stats = self.call("htable.stats")[0]
+        self.assertEqual((stats["all"], stats["min"]), (10_000, 0))  # 12 slots still empty
+        for i in range(10_000, 20_000):
+            self.kv.set(f"k{i}", i)
+        stats = self.call("htable.stats")[0]
+        self.assertEqual(stats["all"], 20_000)
+        self.assertGreater(stats["min"], 0)
+        self.assertGreaterEqual(stats["max"], stats["min"])
+
+    def test_listTablesSameAsKamailio(self) -> None:
+        """htable.listTables answers Kamailio's members and values for the same table."""
+        self.assertEqual(self.call("htable.listTables"), KAMAILIO_LIST_TABLES)
+
+    def test_tablesInKamailioOrder(self) -> None:
+        """Several tables come last declared first, with their own autoexpire, as Kamailio."""
+        clock = self.network.clock
+        tables = MemoryHashTables(
+            MemoryHashTable("a", clock), MemoryHashTable("b", clock, defaultExpire=60)
+        )
+        api = ControlAPI(self.node.bus, tables, self.node.stack.stats)
+        listed = self.successResultOf(api.call("htable.listTables"))
+        self.assertEqual([(t["name"], t["expire"]) for t in listed], [("b", 60), ("a", 0)])
+        stats = self.successResultOf(api.call("htable.stats"))
+        self.assertEqual([t["name"] for t in stats], ["b", "a"])
+
+    def test_noTablesDeclared(self) -> None:
+        """A node whose htable peer declares no table answers Kamailio's No htables."""
+        api = ControlAPI(self.node.bus, MemoryHashTables(), self.node.stack.stats)
+        for method in ("htable.stats", "htable.listTables"):
+            failure = self.failureResultOf(api.call(method), RPCError)
+            self.assertEqual(failure.value.toJSON(), KAMAILIO_ERRORS["no htables"])  # type: ignore[attr-defined]
+
+    def test_statsHelp(self) -> None:
+        """system.methodHelp gives Kamailio's help texts for the new methods."""
+        self.assertEqual(
+            self.call("system.methodHelp", "htable.stats"), "Statistics about htables."
+        )
+        self.assertEqual(self.call("system.methodHelp", "htable.listTables"), "List all htables.")
+
     def test_reload(self) -> None:
         """reload has no database to read from: always Kamailio's 'No htable db_url'."""
         self.assertEqual(self.fault("htable.reload", "kv"), KAMAILIO_ERRORS["reload"])
@@ -668,6 +882,10 @@ class RegistryTests(APITestCase):
                 "htable.delete",
                 "htable.dump",
                 "htable.reload",
+                "htable.stats",
+                "htable.listTables",
+                "dmq.add",
+                "dmq.change_status",
                 "dmq.stats",
             }
             <= set(self.call("system.listMethods"))
@@ -1128,9 +1346,11 @@ class KamailioParityTests(TestCase):
             notificationAddresses=(SIPURI.parse(self.address(self.kamailioPort)),),
         )
         self.service = DMQService(NodeConfig(bus=config), reactor)
+        self.tables = HTablePeer(self.service.bus, reactor, [TableSpec("kv")])
+        self.service.bus.registerPeer(self.tables)
         self.service.startService()
         self.addCleanup(lambda: self.service.running and self.service.stopService())
-        self.api = ControlAPI(self.service.bus, None, self.service.stack.stats)
+        self.api = ControlAPI(self.service.bus, self.tables, self.service.stack.stats)
 
         def joined() -> bool:
             theirs = kamailioRPC(self.kamailio, "dmq.list_nodes")["result"]
@@ -1191,8 +1411,43 @@ class KamailioParityTests(TestCase):
             kamailioRPC(self.kamailio, "dmq.remove", uri)["result"],
         )
 
+    @inlineCallbacks
+    def test_htableStats(self) -> Any:
+        """
+        htable.stats and htable.listTables: after writes on Kamailio have
+        replicated to us, both nodes answer the very same JSON.
+        """
+        for key, value in [("color", "blue"), ("Color", "x"), ("a", "1"), ("b", "2")]:
+            kamailioRPC(self.kamailio, "htable.sets", "kv", key, value)
+        kamailioRPC(self.kamailio, "htable.seti", "kv", "n", 42)
+        table = self.tables.table("kv")
+        assert table is not None
+        yield waitFor(lambda: len(table) == 5, 10)
+        for method in ("htable.stats", "htable.listTables"):
+            self.assertEqual(
+                self.ours(method)["result"], kamailioRPC(self.kamailio, method)["result"], method
+            )
+        self.assertEqual(self.ours("htable.stats")["result"], KAMAILIO_HTABLE_STATS)
+
 
 class KamailioParityTCPTests(KamailioParityTests):
     """The same, with DMQ over TCP (proto tcp in every entry)."""
 
     transport = "tcp"
+
+
+class ObservedStatsTests(SynchronousTestCase):
+    """dmq.stats reports what observed Kamailio channels received."""
+
+    def test_observedSummaries(self) -> None:
+        """An observed channel's summary appears under 'observed', keyed by channel."""
+        from dmq_bus.peers.observed import UsrlocObserver
+
+        network = MemoryNetwork()
+        node = network.addNode("127.0.0.1")
+        observer = UsrlocObserver(network.clock)
+        node.registerPeer(observer)
+        api = ControlAPI(node.bus, None, node.stack.stats)
+        stats = api.busStats()
+        self.assertEqual(list(stats["observed"]), ["usrloc"])
+        self.assertEqual(stats["observed"]["usrloc"], observer.summary())
