@@ -5,48 +5,64 @@ C{twistd dmq} / C{twist dmq}: command-line options and the service they make.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from twisted.application.service import IService
+from twisted.logger import LogLevel
 from twisted.plugin import getPlugins
 from twisted.python import usage
 
-from dmq_bus.bus.dispatch import DEFAULT_CHANNEL, USER_AGENT, BusConfig
-from dmq_bus.bus.nodelist import DEFAULT_MAX_NODES
-from dmq_bus.control import DEFAULT_CONTROL_ENDPOINT, ControlAPI, ControlService
+from dmq_bus.bus.discovery import SeedDiscovery
+from dmq_bus.bus.dispatch import BusConfig
+from dmq_bus.bus.values import isIPLiteral
+from dmq_bus.config import (
+    DEFAULT_SERVER_ADDRESS,
+    SETTINGS,
+    ConfigError,
+    ConfigFile,
+    loadConfig,
+    merge,
+)
+from dmq_bus.control import ControlAPI, ControlService
 from dmq_bus.interfaces import IDMQPeerFactory, IHashTables
+from dmq_bus.logs import LOG_LEVELS, LogLevelGate, LogLevelService
 from dmq_bus.peers.htable import HTablePeer, TableSpec, parseTableSpecs
 from dmq_bus.service import DMQService, NodeConfig
 from dmq_bus.sip.errors import SIPParseError
 from dmq_bus.sip.transaction import TimerPolicy, TransactionLimits
 from dmq_bus.sip.uri import SIPURI
 
-DEFAULT_SERVER_ADDRESS = "sip:127.0.0.1:5060"
+__all__ = [
+    "DEFAULT_SERVER_ADDRESS",
+    "Options",
+    "addControl",
+    "addDiscovery",
+    "addLogLevel",
+    "makeService",
+    "peerFactories",
+    "registerPeers",
+]
 
 
-def _positive(option: str) -> Callable[[str], float]:
-    """A coercer for C{--option}: a number > 0, or an error naming the option."""
-
-    def coerce(value: str) -> float:
-        try:
-            number = float(value)
-        except ValueError:
-            number = float("nan")
-        if not number > 0:
-            raise ValueError(f"--{option} must be a number > 0, not {value!r}")
-        return number
-
-    return coerce
+def _flag(name: str) -> Callable[[str], Any]:
+    """The coercer of C{--name}: the value, or an error naming the option."""
+    return SETTINGS[name].fromFlag
 
 
-def _positiveInt(option: str) -> Callable[[str], int]:
-    """A coercer for C{--option}: a whole number > 0, or an error naming the option."""
+def _default(name: str) -> str:
+    default = SETTINGS[name].default
+    if isinstance(default, list):
+        return ", ".join(default) or "none"
+    return {True: "1", False: "0", None: "none", "": '""'}.get(default, str(default))
 
-    def coerce(value: str) -> int:
-        if not value.isdigit() or int(value) <= 0:
-            raise ValueError(f"--{option} must be a whole number > 0, not {value!r}")
-        return int(value)
 
-    return coerce
+def _parameter(name: str, short: str | None, help: str) -> list[Any]:
+    """
+    An C{optParameters} row for setting C{name}: its default is None (so
+    that L{Options} knows it was not given and the config file may set it),
+    the real default is in the help text.
+    """
+    return [name, short, None, f"{help} [default: {_default(name)}]", _flag(name)]
 
 
 def peerFactories() -> dict[str, IDMQPeerFactory]:
@@ -67,75 +83,58 @@ class Options(usage.Options):
 
     optParameters = [
         [
+            "config",
+            "c",
+            None,
+            "Read settings from this TOML file (keys: the long option names); "
+            "options given here win over it. See examples/dmq.toml.",
+        ],
+        _parameter(
             "server-address",
             "s",
-            DEFAULT_SERVER_ADDRESS,
             "This node's own URI, sip:IP:PORT[;transport=tcp]; it listens on UDP and TCP there.",
-        ],
-        [
+        ),
+        _parameter(
             "notification-channel",
             None,
-            DEFAULT_CHANNEL,
             "The membership channel (Kamailio's notification_channel).",
-        ],
-        [
-            "ping-interval",
+        ),
+        _parameter(
+            "multi-notify",
             None,
-            5.0,
-            "Seconds between pings to every node.",
-            _positive("ping-interval"),
-        ],
-        [
+            "1: the first --notification-address may be a DNS name, resolved (SRV, A, AAAA) "
+            "into seeds at start and again every --ping-interval (Kamailio's multi_notify).",
+        ),
+        _parameter("ping-interval", None, "Seconds between pings to every node."),
+        _parameter(
             "ping-timeout",
             None,
-            5.0,
             "Seconds a ping waits for its answer before the node counts as failed.",
-            _positive("ping-timeout"),
-        ],
-        [
+        ),
+        _parameter(
             "request-timeout",
             None,
-            None,
-            "Seconds an application message waits for its answer (default 64*T1 = 32).",
-            _positive("request-timeout"),
-        ],
-        [
-            "leave-timeout",
-            None,
-            2.0,
-            "Seconds to wait for leave acknowledgements on stop.",
-            _positive("leave-timeout"),
-        ],
-        ["t1", None, 0.5, "SIP timer T1 (first UDP retransmission), seconds.", _positive("t1")],
-        [
-            "t2",
-            None,
-            4.0,
-            "SIP timer T2 (longest UDP retransmission interval), seconds.",
-            _positive("t2"),
-        ],
-        [
-            "max-nodes",
-            None,
-            DEFAULT_MAX_NODES,
-            "Most nodes the node list holds.",
-            _positiveInt("max-nodes"),
-        ],
-        [
-            "max-transactions",
-            None,
-            TransactionLimits().maxClientTransactions,
-            "Most open outgoing requests; past it sends fail at once.",
-            _positiveInt("max-transactions"),
-        ],
-        ["user-agent", None, USER_AGENT, "User-Agent/Server header text; empty for none."],
-        [
+            "Seconds an application message waits for its answer (none: 64*T1 = 32).",
+        ),
+        _parameter("leave-timeout", None, "Seconds to wait for leave acknowledgements on stop."),
+        _parameter("t1", None, "SIP timer T1 (first UDP retransmission), seconds."),
+        _parameter("t2", None, "SIP timer T2 (longest UDP retransmission interval), seconds."),
+        _parameter("max-nodes", None, "Most nodes the node list holds."),
+        _parameter(
+            "max-transactions", None, "Most open outgoing requests; past it sends fail at once."
+        ),
+        _parameter("user-agent", None, "User-Agent/Server header text; empty for none."),
+        _parameter(
             "control",
             None,
-            DEFAULT_CONTROL_ENDPOINT,
             "Serve the JSON-RPC control API (POST /RPC, dmq-ctl) on this Twisted endpoint; "
             "'none' for no control API. It has no authentication: keep it on loopback.",
-        ],
+        ),
+        _parameter(
+            "log-level",
+            None,
+            "Drop log events below this level: debug, info, warn, error or critical.",
+        ),
     ]
 
     def __init__(self) -> None:
@@ -167,14 +166,27 @@ class Options(usage.Options):
         raise SystemExit(0)
 
     def postOptions(self) -> None:
-        self["serverAddress"] = _parseAddress("--server-address", self["server-address"])
-        self["notificationAddresses"] = tuple(
-            _parseAddress("--notification-address", a) for a in self["notification-address"]
+        given = {name: self.get(name) for name in SETTINGS}
+        config = _readConfig(self["config"])
+        self.update(merge(given, config.values if config is not None else {}))
+
+        def origin(name: str) -> str:
+            """Where setting C{name} came from, to begin an error message with."""
+            if config is not None and name in config.values and given[name] in (None, []):
+                return config.where(name)
+            return f"--{name}"
+
+        self["serverAddress"] = _parseAddress(origin("server-address"), self["server-address"])
+        addresses = [
+            _parseAddress(origin("notification-address"), a) for a in self["notification-address"]
+        ]
+        self["notificationAddresses"], self["discoveryAddress"] = _seedsAndDiscovery(
+            addresses, self["multi-notify"], origin("notification-address")
         )
         try:
             self["timers"] = TimerPolicy(t1=self["t1"], t2=self["t2"])
         except ValueError as e:
-            raise usage.UsageError(f"--t1/--t2: {e}") from None
+            raise usage.UsageError(f"{origin('t1')}/{origin('t2')}: {e}") from None
         try:
             self["busConfig"] = BusConfig(
                 serverAddress=self["serverAddress"],
@@ -188,12 +200,53 @@ class Options(usage.Options):
                 maxNodes=self["max-nodes"],
             )
         except ValueError as e:
-            raise usage.UsageError(f"--server-address: {e}") from None
+            raise usage.UsageError(f"{origin('server-address')}: {e}") from None
         if not self["notification-channel"] or not _isToken(self["notification-channel"]):
-            raise usage.UsageError("--notification-channel must be a non-empty token")
+            raise usage.UsageError(f"{origin('notification-channel')} must be a non-empty token")
         factories = peerFactories()
-        self["peerSpecs"] = [_splitPeer(spec, factories) for spec in self["peer"]]
-        self["tableSpecs"] = _tableSpecs(self["htable"])
+        self["peerSpecs"] = [_splitPeer(origin("peer"), spec, factories) for spec in self["peer"]]
+        self["tableSpecs"] = _tableSpecs(origin("htable"), self["htable"])
+        self["logLevel"] = LOG_LEVELS[self["log-level"]]
+
+
+def _readConfig(path: str | None) -> ConfigFile | None:
+    if path is None:
+        return None
+    try:
+        return loadConfig(path)
+    except ConfigError as e:
+        raise usage.UsageError(f"--config: {e}") from None
+
+
+def _seedsAndDiscovery(
+    addresses: list[SIPURI], multiNotify: bool, origin: str
+) -> tuple[tuple[SIPURI, ...], SIPURI | None]:
+    """
+    The configured seeds, and the address to resolve by DNS (or None). As
+    Kamailio's multi_notify=1, only the first address is used then: an IP
+    literal as a seed, a name through DNS; more than one is refused here.
+    """
+    if not multiNotify:
+        for address in addresses:
+            if not isIPLiteral(address.host):
+                raise usage.UsageError(
+                    f"{origin}: host must be an IP literal, not {address.host!r} "
+                    "(with --multi-notify 1 the first notification address may be a DNS name)"
+                )
+        return tuple(addresses), None
+    if len(addresses) > 1:
+        raise usage.UsageError(
+            f"{origin}: with --multi-notify 1 only one notification address is used "
+            f"(as Kamailio's multi_notify), not {len(addresses)}"
+        )
+    if not addresses:
+        return (), None
+    (address,) = addresses
+    if isIPLiteral(address.host):
+        return (address,), None
+    if address.scheme != "sip":
+        raise usage.UsageError(f"{origin}: only sip: addresses can be resolved, not {address}")
+    return (), address
 
 
 def _isToken(text: str) -> bool:
@@ -210,23 +263,23 @@ def _parseAddress(option: str, text: str) -> SIPURI:
     return uri
 
 
-def _tableSpecs(values: list[str]) -> list[TableSpec]:
-    if values == ["none"]:
+def _tableSpecs(origin: str, values: list[str]) -> list[TableSpec]:
+    if values in (["none"], []):
         return []
-    if not values:
-        values = ["kv"]
     try:
         return parseTableSpecs(",".join(values))
     except ValueError as e:
-        raise usage.UsageError(f"--htable: {e}") from None
+        raise usage.UsageError(f"{origin}: {e}") from None
 
 
-def _splitPeer(spec: str, factories: dict[str, IDMQPeerFactory]) -> tuple[IDMQPeerFactory, str]:
+def _splitPeer(
+    origin: str, spec: str, factories: dict[str, IDMQPeerFactory]
+) -> tuple[IDMQPeerFactory, str]:
     name, _, options = spec.partition("=")
     factory = factories.get(name)
     if factory is None:
         known = ", ".join(sorted(factories)) or "none installed"
-        raise usage.UsageError(f"--peer: no peer named {name!r} (installed: {known})")
+        raise usage.UsageError(f"{origin}: no peer named {name!r} (installed: {known})")
     return factory, options
 
 
@@ -244,7 +297,35 @@ def makeService(options: Options) -> IService:
     registerPeers(service, options["peerSpecs"])
     if options["control"] != "none":
         addControl(service, options["control"])
+    if options["discoveryAddress"] is not None:
+        addDiscovery(service, options["discoveryAddress"])
+    addLogLevel(service, options["logLevel"])
     return service
+
+
+def addDiscovery(service: DMQService, address: SIPURI, resolver: Any = None) -> SeedDiscovery:
+    """
+    Resolve C{address} into seeds of C{service} (Kamailio's multi_notify)
+    while it runs, again every ping interval. C{resolver}: an C{IResolver},
+    by default one asking the name servers of C{/etc/resolv.conf}.
+    """
+    discovery = SeedDiscovery(
+        address,
+        resolver,
+        service.reactor,
+        service.config.bus.pingInterval,
+        service.stack.notification.setSeeds,
+        service.bus.counters,
+    )
+    discovery.setServiceParent(service)  # type: ignore[no-untyped-call]
+    return discovery
+
+
+def addLogLevel(service: DMQService, level: LogLevel) -> LogLevelService:
+    """Drop log events below C{level} (all of them, at every observer) while C{service} runs."""
+    gate = LogLevelService(LogLevelGate(level), service.reactor)
+    gate.setServiceParent(service)  # type: ignore[no-untyped-call]
+    return gate
 
 
 def addControl(service: DMQService, endpoint: str) -> ControlService:

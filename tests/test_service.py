@@ -8,7 +8,7 @@ discovery, and real nodes on 127.0.0.1 sockets joining and leaving.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from twisted.application.service import IService, IServiceMaker
 from twisted.internet import reactor
@@ -107,7 +107,7 @@ class OptionsTests(SynchronousTestCase):
         tables = service.bus.peers()[1]
         assert IHashTables.providedBy(tables)
         self.assertEqual([t.name for t in tables.tables()], ["kv"])
-        (control,) = list(service)
+        (control,) = [s for s in service if isinstance(s, ControlService)]
         assert isinstance(control, ControlService)
         self.assertEqual(control.description, "tcp:8060:interface=127.0.0.1")
 
@@ -122,7 +122,7 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual(
             [(t.name, t.defaultExpire) for t in tables.tables()], [("a", 0.0), ("b", 60.0)]
         )
-        self.assertEqual(list(service), [])
+        self.assertEqual([s for s in service if isinstance(s, ControlService)], [])
         bare = tap.makeService(parse("--htable", "none", "--control", "none"))
         assert isinstance(bare, DMQService)
         self.assertEqual([p.channel for p in bare.bus.peers()], ["notification_peer"])
@@ -189,3 +189,57 @@ class RealSocketTests(TestCase):
     def test_tcp(self) -> Any:
         """The same over TCP (nodes advertising ;transport=tcp)."""
         return self.scenario("tcp")
+
+
+class DiscoveryOverSocketsTests(TestCase):
+    """--multi-notify end to end: a node finds its seed through a DNS server on 127.0.0.1."""
+
+    timeout = 30
+
+    @inlineCallbacks
+    def test_joinThroughDNS(self) -> Any:
+        """
+        A node whose only notification address is a DNS name resolves it
+        and joins the node at the address the name gives.
+        """
+        from twisted.names import client, dns, server
+
+        from .test_discovery import Zone
+
+        a, b = allocatePorts(2)
+        zone = Zone()
+        zone.add("seed.test", dns.Record_A("127.0.0.1"))
+        dnsPort = cast(Any, reactor).listenUDP(
+            0,
+            dns.DNSDatagramProtocol(server.DNSServerFactory(authorities=[zone])),
+            interface="127.0.0.1",
+        )
+        self.addCleanup(dnsPort.stopListening)
+        seed = DMQService(
+            NodeConfig(bus=BusConfig(serverAddress=SIPURI.parse(f"sip:127.0.0.1:{a}"))), reactor
+        )
+        options = parse(
+            "--server-address", f"sip:127.0.0.1:{b}",
+            "--multi-notify", "1",
+            "--notification-address", f"sip:seed.test:{a}",
+            "--control", "none",
+            "--htable", "none",
+        )  # fmt: skip
+        joiner = DMQService(NodeConfig(bus=options["busConfig"]), reactor)
+        resolver = client.Resolver(servers=[("127.0.0.1", dnsPort.getHost().port)], reactor=reactor)
+        tap.addDiscovery(joiner, options["discoveryAddress"], resolver)
+        for node in (seed, joiner):
+            node.startService()
+            self.addCleanup(self.stop, node)
+        yield waitFor(
+            lambda: (
+                RealSocketTests.status(seed, b) == "active"
+                and RealSocketTests.status(joiner, a) == "active"
+            ),
+            5,
+        )
+        self.assertEqual(joiner.bus.counters["discovery.seeds_added"], 1)
+
+    @staticmethod
+    def stop(node: DMQService) -> Any:
+        return node.stopService() if node.running else None

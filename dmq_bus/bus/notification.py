@@ -5,6 +5,8 @@ pings, failure handling and a graceful leave) as Kamailio 5.6.3 speaks it.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -27,6 +29,7 @@ from dmq_bus.bus.values import (
 )
 from dmq_bus.interfaces import IDMQPeer
 from dmq_bus.sip.errors import SIPParseError
+from dmq_bus.sip.uri import SIPURI
 
 TEXT_PLAIN = "text/plain"
 JOIN_MAX_FORWARDS = 2
@@ -59,11 +62,12 @@ class NotificationPeer:
         self.nodeList = bus.nodeList
         self.counters = bus.counters
         local = self.nodeList.local.key
-        self._seeds = [
+        self._configuredSeeds = [
             Node.fromURI(uri, NodeStatus.PENDING)
             for uri in bus.config.notificationAddresses
             if Node.fromURI(uri).key != local
         ]
+        self._seeds = list(self._configuredSeeds)
         self._seedKeys = {seed.key for seed in self._seeds}
         self._outstanding: set[NodeKey] = set()
         self._loop: LoopingCall | None = None
@@ -85,6 +89,30 @@ class NotificationPeer:
     def _addSeeds(self) -> None:
         for seed in self._seeds:
             self.nodeList.add(seed)
+
+    def setSeeds(self, uris: Iterable[SIPURI]) -> None:
+        """
+        Replace the discovered seeds (see L{dmq_bus.bus.discovery}) with
+        C{uris}; the configured seeds stay. Seeds are treated alike: pending
+        when they fail, never removed while they are seeds. Once started, a
+        new seed not yet in the list is added pending and sent a join at
+        once. A seed no longer discovered stays in the list as any node
+        does, until failed pings remove it.
+        """
+        local = self.nodeList.local.key
+        seeds = {seed.key: seed for seed in self._configuredSeeds}
+        for uri in uris:
+            node = Node.fromURI(uri, NodeStatus.PENDING)
+            if node.key != local:
+                seeds.setdefault(node.key, node)
+        discovered = [seed for seed in seeds.values() if seed.key not in self._seedKeys]
+        self._seeds = list(seeds.values())
+        self._seedKeys = set(seeds)
+        if self._loop is None or self.leaving:
+            return  # not started: start() adds them
+        for seed in discovered:
+            if self.nodeList.add(seed) is not None:
+                self._notify(seed, JOIN_MAX_FORWARDS, tracked=True)
 
     def join(self) -> None:
         """Send our list to every other node (the seeds at start) with Max-Forwards 2."""
@@ -194,9 +222,15 @@ class NotificationPeer:
             self.nodeList.setStatus(key, NodeStatus.PENDING)
         elif statusAtSend is NodeStatus.DISABLED:
             if self.nodeList.remove(key, hold=self.bus.config.removedHold) is not None:
-                self.log.info("node {node} removed: no answer while disabled", node=str(node))
-        elif self.nodeList.setStatus(key, NodeStatus.DISABLED) is not None:
-            self.log.info("node {node} disabled: no answer", node=str(node))
+                self.counters["notification.nodes_removed"] += 1
+                self.log.debug("node {node} removed: no answer while disabled", node=str(node))
+        else:
+            current = self.nodeList.get(key)
+            if current is None or current.status is NodeStatus.DISABLED:
+                return
+            if self.nodeList.setStatus(key, NodeStatus.DISABLED) is not None:
+                self.counters["notification.nodes_disabled"] += 1
+                self.log.debug("node {node} disabled: no answer", node=str(node))
 
     def _runJoinHooks(self) -> None:
         if self.joined:
