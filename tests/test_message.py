@@ -19,7 +19,7 @@ from dmq_bus.sip.message import (
     makeResponse,
 )
 from dmq_bus.sip.parser import parseMessage
-from dmq_bus.sip.uri import SIPURI, NameAddr, Via, splitCommaValues, splitHostPort
+from dmq_bus.sip.uri import SIPURI, NameAddr, Via, nameAddrURI, splitCommaValues, splitHostPort
 from tests import strategies
 from tests.fixtures import captureFiles, loadCapture
 
@@ -543,3 +543,25 @@ class MakeResponseTests(SynchronousTestCase):
         response = makeResponse(KDMQ_HEADERS, 299, contentType="text/plain")
         self.assertNotIn("Content-Type", response.headers)
         self.assertEqual(response.reason, "Unknown")
+
+
+class NameAddrURITests(SynchronousTestCase):
+    """L{nameAddrURI} finds the URI of a To/From value as L{NameAddr.parse} does."""
+
+    def test_sameAsNameAddr(self) -> None:
+        """Every form gives the URI NameAddr.parse gives."""
+        for text in [
+            "<sip:htable@127.0.0.1:15061>;tag=abc",
+            " <sip:htable@127.0.0.1:15061> ",
+            "<sip:htable@127.0.0.1:15061>",
+            '"Node" <sip:a@127.0.0.1:5060>;tag=x',
+            "sip:a@127.0.0.1:5060;tag=x",
+            "< sip:a@127.0.0.1:5060 >;tag=x",
+        ]:
+            self.assertEqual(nameAddrURI(text), NameAddr.parse(text).uri, text)
+
+    def test_raisesAsNameAddr(self) -> None:
+        """What NameAddr.parse refuses, nameAddrURI refuses."""
+        for text in ["<sip:a@127.0.0.1", "<sip:a@127.0.0.1>;tag;;x", "<sip:a@127.0.0.1>;=x", "<x>"]:
+            self.assertRaises(SIPParseError, NameAddr.parse, text)
+            self.assertRaises(SIPParseError, nameAddrURI, text)

@@ -501,3 +501,42 @@ class RememberedValuesTests(SynchronousTestCase):
         for _ in range(2):
             self.assertRaises(SIPParseError, SIPURI.parse, "sip:h:x")
         self.assertNotIn("sip:h:x", uri._parsedURIs)
+
+
+class RememberedLinesTests(SynchronousTestCase):
+    """Whole header lines remembered from earlier messages parse as before."""
+
+    def test_repeatedLinesSameHeaders(self) -> None:
+        """
+        A message parsed again (its repeating lines now remembered) gives
+        the same headers as the line-by-line parse, lookups included.
+        """
+        wire = loadCapture("c-htable-047.sip")
+        first = parseMessage(wire)
+        second = parseMessage(wire)
+        self.assertEqual(second, first)
+        for name, _ in second.headers:
+            self.assertEqual(
+                second.headers.getAll(name), Headers(first.headers.fields).getAll(name)
+            )
+
+    def test_perMessageLinesNotRemembered(self) -> None:
+        """Via, From, Call-ID and a tagged To line are never remembered."""
+        self.patch(parser, "_KNOWN_LINES", {})
+        self.patch(parser, "_KNOWN_NAMES", {})
+        for _ in range(2):  # the first time teaches the names
+            parseMessage(
+                b"SIP/2.0 200 OK\r\nVia: SIP/2.0/UDP h;branch=z9hG4bK1\r\nTo: <sip:a@h>;tag=1\r\n"
+                b"From: <sip:a@h>;tag=2\r\nCall-ID: c\r\nCSeq: 1 KDMQ\r\nl: 0\r\n\r\n"
+            )
+        self.assertEqual(sorted(parser._KNOWN_LINES), ["CSeq: 1 KDMQ", "l: 0"])
+
+    def test_knownLinesLimit(self) -> None:
+        """Past C{_KNOWN_LINES_LIMIT} no new line is remembered; all still parse."""
+        self.patch(parser, "_KNOWN_LINES", {})
+        self.patch(parser, "_KNOWN_LINES_LIMIT", 2)
+        parseMessage(REQUEST_HEAD + b"Content-Length: 0\r\n\r\n")
+        for i in range(5):
+            request = parseMessage(REQUEST_HEAD + b"X-Count: %d\r\nl: 0\r\n\r\n" % i)
+            self.assertEqual(request.headers.get("x-count"), str(i))
+        self.assertEqual(len(parser._KNOWN_LINES), 2)

@@ -36,6 +36,7 @@ from dmq_bus.sip.transaction import (
     TransactionLimits,
     TransactionTimeout,
     TransportFailure,
+    _delayUntil,
 )
 
 # Captured from Kamailio 5.6.3 (b-ping-032.sip): a notification-peer ping.
@@ -1038,3 +1039,87 @@ class LoopbackTests(SynchronousTestCase):
             a.messageReceived(parseMessage(reply), Origin(UDP_PEER))
         self.assertEqual(self.successResultOf(d).code, 200)
         self.assertEqual(a.counters["client.responses_absorbed"], 1)
+
+
+class SharedFirstRetransmissionTests(TransactionTestCase):
+    """
+    The first retransmission of every UDP request is watched by one shared
+    timer; each request still goes out again at exactly its own T1.
+    """
+
+    def test_staggeredRequestsKeepTheirOwnSchedule(self) -> None:
+        """
+        Requests sent at 0, 0.1 and 1.7 s and never answered follow the RFC
+        schedule each from its own start, exactly.
+        """
+        starts = [0.0, 0.1, 1.7]
+        for start in starts:
+            self.advanceTo(start)
+            self.layer.request(outgoing(), UDP_PEER)
+        self.advanceTo(40.0)
+        byRequest: dict[bytes, list[float]] = {}
+        for when, data, _ in self.transport.sent:
+            byRequest.setdefault(data, []).append(round(when, 9))
+        self.assertEqual(
+            sorted(byRequest.values()),
+            [[round(start + t, 9) for t in RFC_SCHEDULE] for start in starts],
+        )
+
+    def test_answeredRequestsLeaveNoTimer(self) -> None:
+        """
+        Many requests answered before T1 share one timer while they wait,
+        none is retransmitted, and no timer is left once all are answered.
+        """
+        ds = [self.layer.request(outgoing(), UDP_PEER) for _ in range(100)]
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        for _, data, _ in list(self.transport.sent):
+            self.receive(answer(data))
+        for d in ds:
+            self.successResultOf(d)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)  # Timer K, shared
+        self.advanceTo(0.5)
+        self.assertEqual(len(self.transport.sent), 100)
+
+    def test_answeredOldestThenRetransmitYoungest(self) -> None:
+        """
+        When the oldest waiting request is answered, a younger one is still
+        retransmitted at its own T1, not at the oldest one's.
+        """
+        self.layer.request(outgoing(), UDP_PEER)
+        self.advanceTo(0.3)
+        self.layer.request(outgoing(), UDP_PEER)
+        self.receive(answer(self.transport.sent[0][1]))
+        self.advanceTo(0.79)
+        self.assertEqual(len(self.transport.sent), 2)
+        self.advanceTo(0.8)
+        self.assertEqual(self.transport.sendTimes, [0.0, 0.3, 0.8])
+
+    def test_requestStartedWhileRetransmitting(self) -> None:
+        """
+        A request started from within a retransmission (a failing send
+        whose errback sends again) gets its own T1, and one timer waits.
+        """
+        later: list[Deferred[Response]] = []
+
+        def again(_: Failure) -> None:
+            later.append(self.layer.request(outgoing(), UDP_PEER))
+
+        self.layer.request(outgoing(), UDP_PEER).addErrback(again)
+        self.advanceTo(0.4)
+        self.transport.failAtOnce = OSError("no route")
+        self.advanceTo(0.5)
+        self.transport.failAtOnce = None
+        self.assertEqual(len(later), 1)
+        self.failureResultOf(later[0], TransportFailure)
+        self.assertEqual(self.layer.openClientTransactions, 0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_delayNeverOvershoots(self) -> None:
+        """
+        The shared timer is armed with a delay that lands on the deadline
+        or just before it, never after, whatever the rounding.
+        """
+        for now, deadline in [(0.5, 1.7), (0.1, 0.6), (3.3, 1e9 + 0.1), (0.7, 0.7), (2.0, 1.0)]:
+            delay = _delayUntil(now, deadline)
+            self.assertGreaterEqual(delay, 0.0)
+            self.assertLessEqual(now + delay, max(deadline, now))

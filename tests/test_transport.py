@@ -51,7 +51,7 @@ from dmq_bus.sip.transport import (
     receivedHeaders,
     responseDestination,
 )
-from dmq_bus.sip.uri import splitCommaValues
+from dmq_bus.sip.uri import Via, splitCommaValues, stripBrackets
 
 # ---------------------------------------------------------------------------
 # Wire samples (from captures of Kamailio 5.6.3 DMQ traffic)
@@ -1530,3 +1530,40 @@ class DirectDatagramSendTests(SynchronousTestCase):
             responseDestination(f"{base} ;branch=z9hG4bKc"), Address("udp", "192.0.2.7", 5070)
         )
         self.assertRaises(SIPParseError, responseDestination, f"{base};branch=x;;")
+
+
+class ResponseDestinationShortcutTests(SynchronousTestCase):
+    """
+    The shortcut L{responseDestination} takes for a Via whose head it has
+    met before gives the same address as the full parse, and stays out of
+    the way of C{received}, C{rport} and malformed parameters.
+    """
+
+    def test_sameAsFullParse(self) -> None:
+        """Every form gives the address the full Via parse gives."""
+        vias = [
+            "SIP/2.0/UDP 127.0.0.1:15061;branch=z9hG4bKa",
+            "SIP/2.0/UDP 127.0.0.1;branch=z9hG4bKb",
+            "SIP/2.0/TCP [::1]:5070;branch=z9hG4bKc",
+            "SIP/2.0/UDP 127.0.0.1:15061;branch=z9hG4bKd;received=10.0.0.2",
+            "SIP/2.0/UDP 127.0.0.1:15061;branch=z9hG4bKe;RPORT=4000",
+            "SIP/2.0/UDP 127.0.0.1:15061",
+            "  SIP/2.0/UDP 127.0.0.1:15061;branch=z9hG4bKf  ",
+        ]
+        for via in vias:
+            Via.parse(via)  # remember the head
+            parsed = Via.parse(via)
+            received = parsed.param("received")
+            rport = parsed.param("rport")
+            expected = Address(
+                parsed.transport.lower(),
+                stripBrackets(received or parsed.host),
+                int(rport) if rport else parsed.port or 5060,
+            )
+            self.assertEqual(responseDestination(via), expected, via)
+
+    def test_malformedParametersStillRaise(self) -> None:
+        """A known head with a malformed parameter list is refused as before."""
+        Via.parse("SIP/2.0/UDP 127.0.0.1:15061;branch=z9hG4bKa")
+        for via in ("SIP/2.0/UDP 127.0.0.1:15061;branch=x;;a", "SIP/2.0/UDP 127.0.0.1:15061;=x"):
+            self.assertRaises(SIPParseError, responseDestination, via)

@@ -34,11 +34,11 @@ from dmq_bus.bus.values import (
     isIPLiteral,
 )
 from dmq_bus.interfaces import IDMQBus, IDMQPeer, ISIPClient, ISIPRequestHandler
-from dmq_bus.sip.address import Origin
+from dmq_bus.sip.address import Address, Origin
 from dmq_bus.sip.errors import SIPParseError
 from dmq_bus.sip.message import Headers, Request, Response, makeResponse
 from dmq_bus.sip.transaction import TooManyTransactions
-from dmq_bus.sip.uri import SIPURI
+from dmq_bus.sip.uri import SIPURI, nameAddrURI
 
 KDMQ = "KDMQ"
 DEFAULT_CHANNEL = "notification_peer"
@@ -119,7 +119,23 @@ class _Addressing:
     uri: SIPURI
     to: str
     fromPrefix: str
+    address: Address
+    """Where the requests go (the node's L{Node.address})."""
 
+
+def _requestIndex(userAgent: bool) -> dict[str, list[int]]:
+    """
+    The header index of a KDMQ request built by L{DMQBus.buildRequest}
+    (with or without User-Agent); every such request has its fields in the
+    same places, so they share it (a L{Headers} never changes its index).
+    """
+    names = ["to", "from", "cseq", "call-id", "content-length"]
+    names += ["user-agent"] if userAgent else []
+    names += ["max-forwards", "content-type"]
+    return {name: [i] for i, name in enumerate(names)}
+
+
+_REQUEST_INDEXES = {True: _requestIndex(True), False: _requestIndex(False)}
 
 _ADDRESSING_LIMIT = 4096
 """Most C{(channel, node)} pairs whose L{_Addressing} the bus remembers."""
@@ -236,22 +252,39 @@ class DMQBus:
         addressing = self._addressing.get((channel, node.uri))
         if addressing is None:
             addressing = self._addressingOf(channel, node)
+        return self._buildRequest(addressing, body, contentType, maxForwards)
+
+    def _buildRequest(
+        self, addressing: _Addressing, body: bytes, contentType: str, maxForwards: int
+    ) -> Request:
+        """L{buildRequest} once the addressing is known."""
         callID, tag = self._ids.next()
-        fields = [
-            ("To", addressing.to),
-            ("From", f"{addressing.fromPrefix}{tag}"),
-            ("CSeq", "10 KDMQ"),
-            ("Call-ID", callID),
-            ("Content-Length", str(len(body))),
-        ]
-        if self.config.userAgent:
-            fields.append(("User-Agent", self.config.userAgent))
-        fields.append(("Max-Forwards", str(maxForwards)))
-        fields.append(("Content-Type", contentType))
+        userAgent = self.config.userAgent
+        if userAgent:
+            fields: tuple[tuple[str, str], ...] = (
+                ("To", addressing.to),
+                ("From", f"{addressing.fromPrefix}{tag}"),
+                ("CSeq", "10 KDMQ"),
+                ("Call-ID", callID),
+                ("Content-Length", str(len(body))),
+                ("User-Agent", userAgent),
+                ("Max-Forwards", str(maxForwards)),
+                ("Content-Type", contentType),
+            )
+        else:
+            fields = (
+                ("To", addressing.to),
+                ("From", f"{addressing.fromPrefix}{tag}"),
+                ("CSeq", "10 KDMQ"),
+                ("Call-ID", callID),
+                ("Content-Length", str(len(body))),
+                ("Max-Forwards", str(maxForwards)),
+                ("Content-Type", contentType),
+            )
         return Request(
             method=KDMQ,
             uri=addressing.uri,
-            headers=Headers(tuple(fields)),
+            headers=Headers._prebuilt(fields, _REQUEST_INDEXES[bool(userAgent)]),
             body=body,
         )
 
@@ -262,6 +295,7 @@ class DMQBus:
             uri=uri,
             to=f"<{uri}>",
             fromPrefix=f"<{self.localNode.channelURI(channel)}>;tag=",
+            address=node.address,
         )
         if len(self._addressing) >= _ADDRESSING_LIMIT:
             self._addressing.clear()
@@ -286,11 +320,16 @@ class DMQBus:
         maxForwards: int = 1,
         timeout: float | None = None,
     ) -> Deferred[Delivery]:
-        request = self.buildRequest(channel, node, body, contentType, maxForwards)
+        addressing = self._addressing.get((channel, node.uri))
+        if addressing is None:
+            addressing = self._addressingOf(channel, node)
+        request = self._buildRequest(addressing, body, contentType, maxForwards)
         names = self._channelCounters(channel)
         self.counters[names.outRequests] += 1
         d = self.client.request(
-            request, node.address, timeout if timeout is not None else self.config.requestTimeout
+            request,
+            addressing.address,
+            timeout if timeout is not None else self.config.requestTimeout,
         )
         return d.addCallbacks(
             self._delivered,
@@ -412,11 +451,14 @@ class DMQBus:
         return self._answer(result, request, channel)
 
     def _sender(self, request: Request) -> Node | None:
+        value = request.headers.get("from")
+        if value is None:
+            return None
         try:
-            sender = request.headers.nameAddr("from")
+            uri = nameAddrURI(value)
         except SIPParseError:
             return None
-        return None if sender is None else self.nodeList.find(sender.uri)
+        return self.nodeList.find(uri)
 
     def _answer(self, answer: PeerResponse, request: Request, channel: str) -> Response:
         if not isinstance(answer, PeerResponse):

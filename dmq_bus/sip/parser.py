@@ -63,6 +63,23 @@ lookup key; lets L{parseHead} read a usual header line with one dict lookup.
 _KNOWN_NAMES_LIMIT = 4096
 """Most names L{_KNOWN_NAMES} remembers (a peer cannot grow it without end)."""
 
+_KNOWN_LINES: dict[str, tuple[tuple[str, str], str]] = {}
+"""
+Whole header lines met before (C{CSeq: 10 KDMQ}, C{Content-Type:
+application/json}, ...) to their parsed field and lookup key: a line that
+repeats from message to message is read with one dict lookup. Lines that
+differ in every message (L{_UNIQUE_KEYS}) are never remembered.
+"""
+
+_KNOWN_LINES_LIMIT = 4096
+"""
+Most lines L{_KNOWN_LINES} remembers; past it no new line is remembered
+(lines are still parsed, just not looked up).
+"""
+
+_UNIQUE_KEYS = frozenset({"via", "from", "call-id"})
+"""Headers whose lines hold a per-message value (branch, tag, Call-ID)."""
+
 
 def parseHead(head: bytes, offset: int = 0) -> tuple[str, Headers]:
     """
@@ -81,17 +98,29 @@ def parseHead(head: bytes, offset: int = 0) -> tuple[str, Headers]:
         fields: list[tuple[str, str]] = []
         index: dict[str, list[int]] = {}
         knownKey = _KNOWN_NAMES.get
+        knownLine = _KNOWN_LINES.get
         for line in lines[1:]:
-            name, colon, value = line.partition(":")
-            key = knownKey(name)
-            if key is None or not colon:
-                break
+            known = knownLine(line)
+            if known is None:
+                name, colon, value = line.partition(":")
+                key = knownKey(name)
+                if key is None or not colon:
+                    break
+                field = (name, value.strip(" \t"))
+                if (
+                    key not in _UNIQUE_KEYS
+                    and len(_KNOWN_LINES) < _KNOWN_LINES_LIMIT
+                    and (key != "to" or "tag" not in value.lower())
+                ):
+                    _KNOWN_LINES[line] = (field, key)
+            else:
+                field, key = known
             slot = index.get(key)
             if slot is None:
                 index[key] = [len(fields)]
             else:
                 slot.append(len(fields))
-            fields.append((name, value.strip(" \t")))
+            fields.append(field)
         else:
             return startLine, Headers._prebuilt(tuple(fields), index)
     headerStart = text.find("\n") + 1

@@ -17,8 +17,9 @@ timeout) share one L{IDelayedCall} per kind instead of one per transaction.
 from __future__ import annotations
 
 import itertools
+import math
 import secrets
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable, Coroutine, Hashable
 from typing import Any, Generic, TypeVar
 
@@ -240,6 +241,87 @@ class _ExpiryQueue(Generic[_K, _V]):
                 )
 
 
+def _delayUntil(now: float, deadline: float) -> float:
+    """
+    The delay that makes a call scheduled at C{now} fire at C{deadline},
+    never after it (C{now + delay} may round up by one unit otherwise).
+    """
+    delay = max(deadline - now, 0.0)
+    while delay > 0 and now + delay > deadline:
+        delay = math.nextafter(delay, 0.0)
+    return delay
+
+
+class _FirstRetransmissions:
+    """
+    UDP client transactions waiting for Timer E's first firing, T1 after
+    their request went out. Every one waits the same delay, so they are
+    kept in send order (hence deadline order) and watched by one
+    L{IDelayedCall} armed at the exact deadline of the oldest one still
+    waiting; each fires at the very time its own timer would have.
+
+    A transaction that ends before (the usual case: answered within T1)
+    only leaves the count of those waiting; its entry is dropped when it
+    reaches the front. Once none is waiting the call is cancelled.
+    """
+
+    def __init__(self, clock: IReactorTime, delay: float) -> None:
+        self._clock = clock
+        self._delay = delay
+        self._entries: deque[tuple[float, _ClientTransaction]] = deque()
+        self._waiting = 0
+        self._call: IDelayedCall | None = None
+        self._firing = False
+
+    def add(self, txn: _ClientTransaction) -> None:
+        """Fire C{txn.retransmit()} one delay from now, unless it ends before."""
+        self._entries.append((self._clock.seconds() + self._delay, txn))
+        self._waiting += 1
+        txn.queued = True
+        if self._call is None and not self._firing:
+            self._call = self._clock.callLater(self._delay, self._fire)
+
+    def discard(self, txn: _ClientTransaction) -> None:
+        """C{txn} (queued) no longer waits."""
+        txn.queued = False
+        self._waiting -= 1
+        if not self._waiting:
+            self.clear()
+
+    def clear(self) -> None:
+        """Forget every entry and stop the call."""
+        for _, txn in self._entries:
+            txn.queued = False
+        self._entries.clear()
+        self._waiting = 0
+        if self._call is not None:
+            if self._call.active():
+                self._call.cancel()
+            self._call = None
+
+    def _fire(self) -> None:
+        self._call = None
+        self._firing = True
+        entries = self._entries
+        now = self._clock.seconds()
+        try:
+            while entries:
+                deadline, txn = entries[0]
+                if not txn.queued:
+                    entries.popleft()
+                    continue
+                if deadline > now:
+                    break
+                entries.popleft()
+                txn.queued = False
+                self._waiting -= 1
+                txn.retransmit()
+        finally:
+            self._firing = False
+            if entries and self._call is None:
+                self._call = self._clock.callLater(_delayUntil(now, entries[0][0]), self._fire)
+
+
 _TRYING = "trying"
 _PROCEEDING = "proceeding"
 _COMPLETED = "completed"
@@ -260,6 +342,7 @@ class _ClientTransaction:
         "interval",
         "layer",
         "method",
+        "queued",
         "state",
         "timeout",
         "timeoutAt",
@@ -286,15 +369,21 @@ class _ClientTransaction:
         self.timer: IDelayedCall | None = None
         self.interval = layer.policy.t1
         self.timeoutAt = 0.0
+        self.queued = False
+        """Whether waiting in the layer's L{_FirstRetransmissions}."""
 
     def start(self) -> None:
-        """Arm Timer E (unreliable transports) or Timer F."""
-        clock = self.layer.clock
+        """
+        Arm Timer E (unreliable transports; its first firing is shared, see
+        L{_FirstRetransmissions}) or Timer F.
+        """
+        layer = self.layer
+        clock = layer.clock
         self.timeoutAt = clock.seconds() + self.timeout
         if self.destination.reliable or self.interval >= self.timeout:
             self.timer = clock.callLater(self.timeout, self.timedOut)
         else:
-            self.timer = clock.callLater(self.interval, self.retransmit)
+            layer._firstRetransmissions.add(self)
 
     def retransmit(self) -> None:
         """Timer E fired: send again and re-arm E, or F when it comes first."""
@@ -336,6 +425,8 @@ class _ClientTransaction:
     def terminate(self) -> None:
         """Stop the timer and leave the layer's table."""
         self.state = _TERMINATED
+        if self.queued:
+            self.layer._firstRetransmissions.discard(self)
         if self.timer is not None:
             if self.timer.active():
                 self.timer.cancel()
@@ -435,6 +526,7 @@ class TransactionLayer:
         self._stopped = False
         self._clients: dict[str, _ClientTransaction] = {}
         self._clientsCompleted: _ExpiryQueue[str, str] = _ExpiryQueue(clock, policy.timerK)
+        self._firstRetransmissions = _FirstRetransmissions(clock, policy.t1)
         self._serversPending: _ExpiryQueue[Hashable, _ServerTransaction] = _ExpiryQueue(
             clock, limits.serverResponseTimeout, self._serverResponseTimedOut
         )
@@ -811,6 +903,7 @@ class TransactionLayer:
         self._serversPending.clear()
         self._serversCompleted.clear()
         self._clientsCompleted.clear()
+        self._firstRetransmissions.clear()
         for txn in pending:
             txn.fail(TransactionError("transaction layer stopped"))
         return defer.succeed(None)

@@ -44,7 +44,7 @@ from dmq_bus.sip.address import Address, Origin
 from dmq_bus.sip.errors import SIPParseError
 from dmq_bus.sip.message import Headers, Request, canonicalName
 from dmq_bus.sip.parser import findHeaderEnd, parseContentLength, parseHead, parseMessage
-from dmq_bus.sip.uri import Via, splitCommaValues, stripBrackets
+from dmq_bus.sip.uri import Via, splitCommaValues, stripBrackets, viaSentByFast
 
 OnError = Callable[[Failure], None]
 """What L{SIPTransportLayer.send} calls when a message could not be sent."""
@@ -172,6 +172,12 @@ def responseDestination(via: str) -> Address:
     """
     if "," in via:
         via = splitCommaValues(via)[0]
+    sentBy = viaSentByFast(via)
+    if sentBy is not None:
+        transport, host, sentPort = sentBy
+        return Address(
+            transport.lower(), stripBrackets(host), 5060 if sentPort is None else sentPort
+        )
     parsed = Via.parse(via)
     received = parsed.param("received")
     host = stripBrackets(received if received else parsed.host)

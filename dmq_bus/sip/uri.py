@@ -422,6 +422,46 @@ _parsedViaHeads: dict[str, tuple[str, str, str, int | None]] = {}
 """Via heads to the C{(protocol, transport, host, port)} they parse to."""
 
 
+def viaSentByFast(text: str) -> tuple[str, str, int | None] | None:
+    """
+    C{(transport, host, port)} of the one Via value C{text}, from the
+    remembered heads of L{Via.parse}, when C{text} is a valid Via without a
+    C{received} or C{rport} parameter; None when that is not known cheaply
+    (then parse it with L{Via.parse}).
+    """
+    head, semi, paramText = text.strip().partition(";")
+    sentBy = _parsedViaHeads.get(head)
+    if sentBy is None:
+        return None
+    lowered = paramText.lower()
+    if "received" in lowered or "rport" in lowered:
+        return None
+    if semi:
+        try:
+            _parseParams(paramText, 0)
+        except SIPParseError:
+            return None
+    return sentBy[1], sentBy[2], sentBy[3]
+
+
+def nameAddrURI(text: str) -> SIPURI:
+    """
+    The URI of the To/From-style value C{text}: C{NameAddr.parse(text).uri}
+    (raising as it does), without building the L{NameAddr} in the usual
+    C{<uri>;params} form.
+    """
+    text = text.strip()
+    if text.startswith("<"):
+        gt = text.find(">")
+        if gt > 0:
+            uri = SIPURI.parse(text[1:gt].strip())
+            paramText = text[gt + 1 :].strip()
+            if paramText:
+                _parseParams(paramText, 0)
+            return uri
+    return NameAddr.parse(text).uri
+
+
 def splitCommaValues(text: str) -> list[str]:
     """Split a comma-joined header value (Via, Contact, ...) outside quotes and brackets."""
     return [part.strip() for part in _splitOutsideQuotes(text, ",")]
