@@ -1053,9 +1053,10 @@ class SharedFirstRetransmissionTests(TransactionTestCase):
         schedule each from its own start, exactly.
         """
         starts = [0.0, 0.1, 1.7]
+        pending = []
         for start in starts:
             self.advanceTo(start)
-            self.layer.request(outgoing(), UDP_PEER)
+            pending.append(self.layer.request(outgoing(), UDP_PEER))
         self.advanceTo(40.0)
         byRequest: dict[bytes, list[float]] = {}
         for when, data, _ in self.transport.sent:
@@ -1064,6 +1065,8 @@ class SharedFirstRetransmissionTests(TransactionTestCase):
             sorted(byRequest.values()),
             [[round(start + t, 9) for t in RFC_SCHEDULE] for start in starts],
         )
+        for d in pending:
+            self.failureResultOf(d, TransactionTimeout)
 
     def test_answeredRequestsLeaveNoTimer(self) -> None:
         """
