@@ -191,6 +191,10 @@ def kv(peer: HTablePeer, name: str = "kv") -> HashTable:
     return table
 
 
+REQUESTER = Node.fromURI(SIPURI.parse("sip:127.0.0.1:16001"), NodeStatus.ACTIVE)
+"""A known node at the host the test messages come from (see L{message})."""
+
+
 def answer(peer: HTablePeer, body: bytes, **kwargs: Any) -> PeerResponse:
     result = peer.messageReceived(message(body, **kwargs))
     assert isinstance(result, PeerResponse)
@@ -900,19 +904,30 @@ class SyncAnswerTests(SynchronousTestCase):
     def test_emptyTablesSendOneEmptyChunk(self) -> None:
         """With nothing to send we still send {"cells":[]}, as Kamailio does."""
         peer, bus, _ = localPeer()
-        self.assertEqual(answer(peer, encodeSyncRequest()).code, 200)
+        self.assertEqual(answer(peer, encodeSyncRequest(), sender=REQUESTER).code, 200)
         self.assertEqual([b for _, b, _, _ in bus.sent], [b'{"cells":[]}'])
 
-    def test_strangerGetsChunksDirectly(self) -> None:
+    def test_strangerGetsNothing(self) -> None:
         """
-        A sync request from a node we do not know is answered to the node
-        its From-URI names, not broadcast.
+        A sync request from a node we do not know is answered 200 but gets
+        no cells: following its From-URI would let anyone reflect our whole
+        table at any host, and Kamailio's broadcast would flood the bus.
         """
         peer, bus, _ = localPeer()
         kv(peer).set("k", "v")
-        answer(peer, captureBody("e-errors-133"))
-        self.assertEqual([str(n) for n, _, _, _ in bus.sent], ["sip:127.0.0.1:16001"])
+        self.assertEqual(answer(peer, captureBody("e-errors-133")).code, 200)
+        self.assertEqual(bus.sent, [])
         self.assertEqual(bus.broadcasts[1:], [])
+        self.assertEqual(peer.counters["htable.sync.unknown_requester"], 1)
+
+    def test_spoofedKnownNodeGetsNothing(self) -> None:
+        """
+        A sync request naming a known node in From but coming from another
+        host sends nothing: the node list is not proof of who is asking.
+        """
+        peer, bus, _ = localPeer()
+        answer(peer, encodeSyncRequest(), sender=nodeAt("sip:127.0.0.2:5060"))
+        self.assertEqual(bus.sent, [])
         self.assertEqual(peer.counters["htable.sync.unknown_requester"], 1)
 
     def test_knownSenderGetsChunks(self) -> None:
@@ -925,24 +940,43 @@ class SyncAnswerTests(SynchronousTestCase):
     def test_chunksBeforeAnswerAndWindow(self) -> None:
         """
         The first syncWindow chunks are sent before the request is
-        answered; each answered chunk lets one more go; all go in the end,
-        failures included.
+        answered; each answered chunk lets one more go; the first failed
+        chunk ends the stream (the requester is gone), and a new request
+        can start a new stream afterwards.
         """
         bus = RecordingBus(autoAnswer=False)
         peer, _, _ = localPeer(bus=bus, chunkSize=200, limits=HTableLimits(syncWindow=3))
         for i in range(40):
             kv(peer).set(f"key{i:03}", f"value{i}")
-        self.assertEqual(answer(peer, encodeSyncRequest()).code, 200)
+        self.assertEqual(answer(peer, encodeSyncRequest(), sender=REQUESTER).code, 200)
         self.assertEqual(len(bus.sent), 3)
         node, d = bus.pending.pop(0)
         d.callback(Delivery(node, 200, "OK"))
         self.assertEqual(len(bus.sent), 4)
+        node, d = bus.pending.pop(0)
+        d.errback(RuntimeError("lost"))
+        self.assertEqual(len(bus.sent), 4, "a failed chunk stops the stream")
         while bus.pending:
             node, d = bus.pending.pop(0)
-            d.errback(RuntimeError("lost"))
-        total = peer.counters["htable.sync.chunks_sent"]
-        self.assertEqual(len(bus.sent), total)
-        self.assertEqual(peer.counters["htable.sync.chunk_failures"], total - 1)
+            d.callback(Delivery(node, 200, "OK"))
+        self.assertEqual(len(bus.sent), 4)
+        self.assertEqual(peer.counters["htable.sync.chunk_failures"], 1)
+        for _, body, _, _ in bus.sent:
+            self.assertLessEqual(len(body), 200)
+            self.assertIsInstance(decodeMessage(body), SyncCells)
+        answer(peer, encodeSyncRequest(), sender=REQUESTER)
+        self.assertEqual(len(bus.sent), 7, "the stream ended, so a new request starts one")
+
+    def test_wholeTableWhenAllAnswered(self) -> None:
+        """When every chunk is answered, all cells go, each chunk within chunkSize."""
+        bus = RecordingBus(autoAnswer=False)
+        peer, _, _ = localPeer(bus=bus, chunkSize=200, limits=HTableLimits(syncWindow=3))
+        for i in range(40):
+            kv(peer).set(f"key{i:03}", f"value{i}")
+        answer(peer, encodeSyncRequest(), sender=REQUESTER)
+        while bus.pending:
+            node, d = bus.pending.pop(0)
+            d.callback(Delivery(node, 200, "OK"))
         cells: list[Cell] = []
         for _, body, _, _ in bus.sent:
             self.assertLessEqual(len(body), 200)
@@ -950,6 +984,22 @@ class SyncAnswerTests(SynchronousTestCase):
             assert isinstance(chunk, SyncCells)
             cells.extend(chunk.cells)
         self.assertEqual(len(cells), 40)
+
+    def test_streamLimits(self) -> None:
+        """
+        A requester whose stream is still running, or a request beyond
+        maxSyncStreams concurrent streams, gets 200 and nothing more.
+        """
+        bus = RecordingBus(autoAnswer=False)
+        peer, _, _ = localPeer(bus=bus, limits=HTableLimits(syncWindow=1, maxSyncStreams=2))
+        kv(peer).set("k", "v")
+        first = nodeAt("sip:127.0.0.1:6001")
+        second = nodeAt("sip:127.0.0.1:6002")
+        third = nodeAt("sip:127.0.0.1:6003")
+        for node in (first, first, second, third):
+            self.assertEqual(answer(peer, encodeSyncRequest(), sender=node).code, 200)
+        self.assertEqual([n for n, _, _, _ in bus.sent], [first, second])
+        self.assertEqual(peer.counters["htable.sync.refused_busy"], 2)
 
     def test_tableChangesDuringSync(self) -> None:
         """
@@ -961,7 +1011,7 @@ class SyncAnswerTests(SynchronousTestCase):
         peer, _, _ = localPeer(bus=bus, chunkSize=100, limits=HTableLimits(syncWindow=1))
         for i in range(20):
             kv(peer).set(f"k{i:02}", i)
-        answer(peer, encodeSyncRequest())
+        answer(peer, encodeSyncRequest(), sender=REQUESTER)
         for i in range(20):
             kv(peer).delete(f"k{i:02}")
             kv(peer).set(f"new{i}", i)
@@ -1008,7 +1058,7 @@ class SyncAnswerTests(SynchronousTestCase):
         peer, bus, _ = localPeer(clock=clock)
         kv(peer).set("forever", "v")
         kv(peer).set("soon", 5, expire=10)
-        answer(peer, encodeSyncRequest())
+        answer(peer, encodeSyncRequest(), sender=REQUESTER)
         [(_, body, _, _)] = bus.sent
         chunk = decodeMessage(body)
         assert isinstance(chunk, SyncCells)

@@ -6,6 +6,7 @@ delivery outcomes and membership events.
 from __future__ import annotations
 
 import enum
+import functools
 import ipaddress
 from typing import TYPE_CHECKING
 
@@ -53,6 +54,7 @@ when absent: C{;transport=udp} and no transport are different nodes).
 """
 
 
+@functools.lru_cache(maxsize=4096)
 def isIPLiteral(host: str) -> bool:
     """Whether C{host} is an IPv4 literal or a bracketed IPv6 literal."""
     try:

@@ -46,6 +46,7 @@ from dmq_bus.bus.values import (
     Delivery,
     DMQMessage,
     Node,
+    NodeKey,
     PeerResponse,
 )
 from dmq_bus.interfaces import (
@@ -55,7 +56,6 @@ from dmq_bus.interfaces import (
     IHashTable,
     IHashTables,
 )
-from dmq_bus.sip.errors import SIPParseError
 
 CHANNEL = "htable"
 """The DMQ channel (Kamailio's htable peer id)."""
@@ -562,9 +562,20 @@ class HTableLimits:
     syncWindow: int = attrs.field(default=4, validator=_positive)
     """
     Sync chunks in flight to one requester. The first C{syncWindow} are
-    sent before the sync request is answered; each answered (or failed)
-    chunk lets the next one go. Kamailio sends all at once, which overflows
-    a receiver's UDP buffer with a big table and costs retransmissions.
+    sent before the sync request is answered; each answered chunk lets the
+    next one go, and the first chunk that fails ends the stream (the
+    requester is gone: nothing more is sent to it). Kamailio sends all at
+    once, which overflows a receiver's UDP buffer with a big table and
+    costs retransmissions.
+    """
+
+    maxSyncStreams: int = attrs.field(default=8, validator=_positive)
+    """
+    Sync answers streaming at once, to different requesters. A sync request
+    beyond it, or from a requester that already has a stream running, is
+    answered 200 without sending anything (counted as
+    C{htable.sync.refused_busy}); the requester's own retransmissions are
+    absorbed earlier, by the SIP server transaction.
     """
 
 
@@ -1104,6 +1115,7 @@ class _ChunkSender:
     """
 
     def __init__(self, peer: HTablePeer, node: Node, chunks: Iterator[bytes], window: int) -> None:
+        self.stopped = False
         self.peer = peer
         self.node = node
         self.chunks = chunks
@@ -1120,7 +1132,7 @@ class _ChunkSender:
             return
         self._pumping = True
         try:
-            while self.inFlight < self.window and not self.exhausted:
+            while self.inFlight < self.window and not self.exhausted and not self.stopped:
                 chunk = next(self.chunks, None)
                 if chunk is None:
                     self.exhausted = True
@@ -1137,8 +1149,9 @@ class _ChunkSender:
                 d.addCallbacks(self._answered, self._failed)
         finally:
             self._pumping = False
-        if self.exhausted and self.inFlight == 0 and not self.finished:
+        if (self.exhausted or self.stopped) and self.inFlight == 0 and not self.finished:
             self.finished = True
+            self.peer._syncFinished(self.node)
             self.peer.log.debug(
                 "htable sync to {node} done: {chunks} chunks, {size} bytes",
                 node=str(self.node),
@@ -1148,6 +1161,7 @@ class _ChunkSender:
 
     def _answered(self, delivery: Delivery) -> None:
         if not delivery.ok:
+            self.stopped = True
             self.peer.counters["htable.sync.chunk_failures"] += 1
             self.peer.log.warn(
                 "sync chunk to {node} answered {code} {reason}",
@@ -1158,9 +1172,10 @@ class _ChunkSender:
         self._done()
 
     def _failed(self, failure: Failure) -> None:
+        self.stopped = True
         self.peer.counters["htable.sync.chunk_failures"] += 1
         self.peer.log.warn(
-            "sync chunk to {node} failed: {error}",
+            "sync chunk to {node} failed, stream stopped: {error}",
             node=str(self.node),
             error=failure.getErrorMessage(),
         )
@@ -1194,11 +1209,13 @@ class HTablePeer:
     C{chunkSize} bytes, each its own KDMQ; the first
     L{HTableLimits.syncWindow} chunks are sent before the request is
     answered 200 (Kamailio's order: chunks first, then the answer). The
-    requester is the node list entry of the request's From-URI; when the
-    From-URI matches no known node, the chunks still go to the node that
-    From-URI names (a L{Node} built with L{Node.fromURI}), where Kamailio
-    would broadcast them to every node: a stranger's sync request must not
-    make us flood the bus with our whole table.
+    requester must be a node of our list (found by the request's From-URI)
+    and the request must come from that node's host; otherwise nothing is
+    sent (counted as C{htable.sync.unknown_requester}) and the request is
+    still answered 200. Kamailio 5.6.3 would broadcast the table to every
+    node, and following the From-URI blindly would let anyone reflect our
+    whole table at any host (a ~60,000x amplification). A joining node
+    is always known by then: its join is processed before its sync request.
     """
 
     log = Logger()
@@ -1224,6 +1241,7 @@ class HTablePeer:
         self.limits = limits
         self.counters: Counter[str] = Counter()
         self._tables: dict[str, HashTable] = {}
+        self._syncing: set[NodeKey] = set()
         for spec in specs:
             if spec.name in self._tables:
                 raise ValueError(f"htable: table {spec.name!r} declared twice")
@@ -1301,29 +1319,33 @@ class HTablePeer:
         return _OK
 
     def _requester(self, message: DMQMessage) -> Node | None:
-        if message.sender is not None:
-            return message.sender
-        try:
-            sender = message.request.headers.nameAddr("from")
-        except SIPParseError:
+        """The known node that sent C{message} from its own host, or None."""
+        node = message.sender
+        if node is None or node.address.host != message.origin.address.host:
             return None
-        return None if sender is None else Node.fromURI(sender.uri)
+        return node
 
     def _answerSync(self, message: DMQMessage) -> PeerResponse:
         self.counters["htable.sync.requests_received"] += 1
         node = self._requester(message)
         if node is None:
-            self.counters["htable.sync.no_requester"] += 1
-            self.log.warn(
-                "htable sync request from {origin} without a usable From",
+            self.counters["htable.sync.unknown_requester"] += 1
+            self.log.debug(
+                "htable sync request from {origin}: not a known node at its own address,"
+                " nothing sent",
                 origin=str(message.origin),
             )
             return _OK
-        if message.sender is None:
-            self.counters["htable.sync.unknown_requester"] += 1
+        if node.key in self._syncing or len(self._syncing) >= self.limits.maxSyncStreams:
+            self.counters["htable.sync.refused_busy"] += 1
+            return _OK
+        self._syncing.add(node.key)
         chunks = iterChunks(self._allCells(), self.chunkSize)
         _ChunkSender(self, node, chunks, self.limits.syncWindow).pump()
         return _OK
+
+    def _syncFinished(self, node: Node) -> None:
+        self._syncing.discard(node.key)
 
     def _allCells(self) -> Iterator[bytes]:
         """The cells of every replicated table, as they are now."""

@@ -11,6 +11,16 @@ import attrs
 TRANSPORTS = ("udp", "tcp", "tls")
 
 
+def printable(text: str) -> str:
+    """
+    C{text} safe to log and to encode as UTF-8: bytes that arrived as
+    invalid UTF-8 (kept as lone surrogates by the parser) become C{\\xNN}.
+    """
+    if text.isascii():
+        return text
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 @attrs.frozen
 class Address:
     """
@@ -24,7 +34,7 @@ class Address:
 
     def __str__(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{self.transport}:{host}:{self.port}"
+        return printable(f"{self.transport}:{host}:{self.port}")
 
     @property
     def reliable(self) -> bool:

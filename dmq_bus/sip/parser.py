@@ -18,7 +18,11 @@ from dmq_bus.sip.message import (
 from dmq_bus.sip.uri import SIPURI
 
 MAX_HEADERS = 256
-"""Header fields one message may carry; more is a parse error (400)."""
+"""
+Header fields one message may carry. More is a parse error raised before
+the headers are complete, so the message cannot be answered: it is dropped
+and counted as a parse error of its transport.
+"""
 
 _TOKEN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-.!%*_+`'~")
 
