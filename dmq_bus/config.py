@@ -19,6 +19,7 @@ from typing import Any
 import attrs
 
 from dmq_bus.bus.dispatch import DEFAULT_CHANNEL, USER_AGENT
+from dmq_bus.bus.guard import DEFAULT_SIGNATURE_WINDOW
 from dmq_bus.bus.nodelist import DEFAULT_MAX_NODES
 from dmq_bus.control import DEFAULT_CONTROL_ENDPOINT
 from dmq_bus.logs import LOG_LEVELS
@@ -138,6 +139,13 @@ SETTINGS: dict[str, Setting] = {
         Setting("user-agent", Kind.TEXT, USER_AGENT),
         Setting("htable", Kind.LIST, ["kv"]),
         Setting("control", Kind.TEXT, DEFAULT_CONTROL_ENDPOINT),
+        Setting("allow-network", Kind.LIST, []),
+        Setting("known-nodes-only", Kind.SWITCH, False),
+        Setting("secret-file", Kind.TEXT, None),
+        Setting("unsigned-from", Kind.LIST, []),
+        Setting(
+            "signature-window", Kind.NUMBER, DEFAULT_SIGNATURE_WINDOW, _positive, "a number > 0"
+        ),
         Setting("peer", Kind.LIST, []),
         Setting(
             "log-level",

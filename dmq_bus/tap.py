@@ -14,6 +14,7 @@ from twisted.python import usage
 
 from dmq_bus.bus.discovery import SeedDiscovery
 from dmq_bus.bus.dispatch import BusConfig
+from dmq_bus.bus.guard import AccessPolicy, loadSecret, parseNetworks
 from dmq_bus.bus.values import isIPLiteral
 from dmq_bus.config import (
     DEFAULT_SERVER_ADDRESS,
@@ -131,6 +132,17 @@ class Options(usage.Options):
             "'none' for no control API. It has no authentication: keep it on loopback.",
         ),
         _parameter(
+            "secret-file",
+            None,
+            "Sign every KDMQ request with the shared secret in this file (16 bytes or more) "
+            "and refuse requests not signed with it.",
+        ),
+        _parameter(
+            "signature-window",
+            None,
+            "Seconds a signed request's time may differ from ours, either way.",
+        ),
+        _parameter(
             "log-level",
             None,
             "Drop log events below this level: debug, info, warn, error or critical.",
@@ -142,6 +154,9 @@ class Options(usage.Options):
         self["notification-address"] = []
         self["peer"] = []
         self["htable"] = []
+        self["allow-network"] = []
+        self["unsigned-from"] = []
+        self["known-nodes-only"] = None
 
     def opt_notification_address(self, value: str) -> None:
         """A seed to join through, sip:IP:PORT (repeatable)."""
@@ -154,6 +169,18 @@ class Options(usage.Options):
         'kv'. 'none': no htable peer.
         """
         self["htable"].append(value)
+
+    def opt_allow_network(self, value: str) -> None:
+        """Accept requests only from this network, CIDR (repeatable). [default: any]"""
+        self["allow-network"].append(value)
+
+    def opt_known_nodes_only(self) -> None:
+        """Refuse application-channel requests from senders not listed active."""
+        self["known-nodes-only"] = True
+
+    def opt_unsigned_from(self, value: str) -> None:
+        """With --secret-file: accept unsigned requests from this CIDR (repeatable)."""
+        self["unsigned-from"].append(value)
 
     def opt_peer(self, value: str) -> None:
         """Load peer NAME[=OPTIONS] from the installed peer plugins (repeatable)."""
@@ -198,6 +225,7 @@ class Options(usage.Options):
                 leaveTimeout=self["leave-timeout"],
                 userAgent=self["user-agent"] or None,
                 maxNodes=self["max-nodes"],
+                access=_accessPolicy(self),
             )
         except ValueError as e:
             raise usage.UsageError(f"{origin('server-address')}: {e}") from None
@@ -207,6 +235,34 @@ class Options(usage.Options):
         self["peerSpecs"] = [_splitPeer(origin("peer"), spec, factories) for spec in self["peer"]]
         self["tableSpecs"] = _tableSpecs(origin("htable"), self["htable"])
         self["logLevel"] = LOG_LEVELS[self["log-level"]]
+
+
+def _accessPolicy(options: Options) -> AccessPolicy:
+    """The L{AccessPolicy} of the access options; a usage error naming the bad one."""
+    window = options["signature-window"]
+    networks = {}
+    for name in ("allow-network", "unsigned-from"):
+        try:
+            networks[name] = parseNetworks(options[name])
+        except ValueError as e:
+            raise usage.UsageError(f"--{name}: {e}") from None
+    secret = None
+    if options.get("secret-file") is not None:
+        try:
+            secret = loadSecret(options["secret-file"])
+        except ValueError as e:
+            raise usage.UsageError(f"--secret-file: {e}") from None
+    if networks["unsigned-from"] and secret is None:
+        raise usage.UsageError(
+            "--unsigned-from needs --secret-file (without it, nothing is signed)"
+        )
+    return AccessPolicy(
+        allowNetworks=networks["allow-network"],
+        knownNodesOnly=options["known-nodes-only"],
+        secret=secret,
+        unsignedFrom=networks["unsigned-from"],
+        signatureWindow=window,
+    )
 
 
 def _readConfig(path: str | None) -> ConfigFile | None:

@@ -39,6 +39,11 @@ max-transactions = 1000
 user-agent = ""
 htable = ["kv", "cache=autoexpire=60"]
 control = "none"
+allow-network = ["127.0.0.0/8"]
+known-nodes-only = 1
+secret-file = "SECRET_PATH"
+unsigned-from = ["127.0.0.2/32"]
+signature-window = 30
 peer = ["echo=probe"]
 log-level = "warn"
 """
@@ -66,7 +71,8 @@ class KeysTests(ConfigTestCase):
 
     def test_everyKey(self) -> None:
         """A file setting every key configures the node exactly as the same flags would."""
-        options = self.parse(EVERY_KEY)
+        secret = self.write("a shared secret of more than 16 bytes\n")
+        options = self.parse(EVERY_KEY.replace("SECRET_PATH", secret))
         config: BusConfig = options["busConfig"]
         self.assertEqual(str(config.serverAddress), "sip:127.0.0.2:5070;transport=tcp")
         self.assertEqual(
@@ -86,6 +92,11 @@ class KeysTests(ConfigTestCase):
         ((factory, peerOptions),) = options["peerSpecs"]
         self.assertEqual((factory.name, peerOptions), ("echo", "probe"))
         self.assertEqual((options["control"], options["logLevel"]), ("none", LogLevel.warn))
+        access = options["busConfig"].access
+        self.assertEqual([str(n) for n in access.allowNetworks], ["127.0.0.0/8"])
+        self.assertEqual([str(n) for n in access.unsignedFrom], ["127.0.0.2/32"])
+        self.assertEqual((access.knownNodesOnly, access.signatureWindow), (True, 30.0))
+        self.assertEqual(access.secret, b"a shared secret of more than 16 bytes")
         self.assertEqual(set(parseConfig(EVERY_KEY).values), set(SETTINGS))
 
     def test_defaults(self) -> None:
@@ -233,7 +244,11 @@ class ExampleFileTests(ConfigTestCase):
         lines = []
         for line in text.splitlines():
             match = re.match(r"# ([a-z0-9-]+) = ", line)
-            lines.append(line[2:] if match and match[1] in SETTINGS else line)
+            # secret-file names a file that exists only on a real deployment,
+            # and unsigned-from needs it
+            on = match is not None and match[1] in SETTINGS
+            on = on and match is not None and match[1] not in ("secret-file", "unsigned-from")
+            lines.append(line[2:] if on else line)
         options = self.parse("\n".join(lines) + "\n")
         self.assertEqual(options["busConfig"].pingInterval, 5.0)
         self.assertEqual(

@@ -243,3 +243,51 @@ class DiscoveryOverSocketsTests(TestCase):
     @staticmethod
     def stop(node: DMQService) -> Any:
         return node.stopService() if node.running else None
+
+
+class AccessOptionsTests(SynchronousTestCase):
+    """The membership-control options: --allow-network, --known-nodes-only, --secret-file."""
+
+    def test_defaultOpen(self) -> None:
+        """With none of them the node accepts everyone and signs nothing, as Kamailio."""
+        self.assertTrue(parse()["busConfig"].access.isOpen)
+
+    def test_allAccessFlags(self) -> None:
+        """Every access option reaches the bus configuration."""
+        path = self.mktemp()
+        with open(path, "wb") as f:
+            f.write(b"0123456789abcdef-secret\n")
+        access = parse(
+            "--allow-network", "10.0.0.0/8",
+            "--allow-network", "fd00::/64",
+            "--known-nodes-only",
+            "--secret-file", path,
+            "--unsigned-from", "10.0.0.1/32",
+            "--signature-window", "30",
+        )["busConfig"].access  # fmt: skip
+        self.assertEqual([str(n) for n in access.allowNetworks], ["10.0.0.0/8", "fd00::/64"])
+        self.assertEqual([str(n) for n in access.unsignedFrom], ["10.0.0.1/32"])
+        self.assertEqual(
+            (access.knownNodesOnly, access.secret, access.signatureWindow),
+            (True, b"0123456789abcdef-secret", 30.0),
+        )
+        self.assertNotIn("secret", repr(access).replace("secret=", ""))
+
+    def test_badAccessFlags(self) -> None:
+        """Bad access options get a usage error naming the option."""
+        short = self.mktemp()
+        with open(short, "wb") as f:
+            f.write(b"short")
+        cases = [
+            (["--allow-network", "10.0.0.1/8"], "--allow-network"),
+            (["--allow-network", "nonsense"], "--allow-network"),
+            (["--secret-file", "/nonexistent/secret"], "--secret-file: cannot read"),
+            (["--secret-file", short], "at least 16"),
+            (["--unsigned-from", "10.0.0.0/8"], "needs --secret-file"),
+            (["--signature-window", "0"], "--signature-window"),
+            (["--signature-window", "abc"], "--signature-window must be a number > 0"),
+        ]
+        for args, words in cases:
+            with self.assertRaises(usage.UsageError, msg=args) as caught:
+                parse(*args)
+            self.assertIn(words, str(caught.exception), args)

@@ -21,6 +21,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from dmq_bus import __version__
+from dmq_bus.bus.guard import AUTH_HEADER, FORBIDDEN_UNKNOWN_NODE, AccessPolicy, Guard, Refusal
 from dmq_bus.bus.nodelist import DEFAULT_MAX_NODES, NodeList
 from dmq_bus.bus.values import (
     BroadcastResult,
@@ -70,6 +71,8 @@ class BusConfig:
         cannot be re-added from other nodes' lists, only by contacting us
         itself. Covers the time a Kamailio 5.6.3 node keeps listing a dead
         node (2 × fr_timer + ping_interval: 120 s with its defaults).
+    @ivar access: who may take part (source networks, known nodes, shared
+        secret); the default accepts everyone and signs nothing, as Kamailio.
     """
 
     serverAddress: SIPURI = attrs.field()
@@ -82,6 +85,7 @@ class BusConfig:
     userAgent: str | None = USER_AGENT
     maxNodes: int = DEFAULT_MAX_NODES
     removedHold: float = 120.0
+    access: AccessPolicy = AccessPolicy()
 
     @serverAddress.validator
     def _checkServerAddress(self, attribute: object, value: SIPURI) -> None:
@@ -123,19 +127,22 @@ class _Addressing:
     """Where the requests go (the node's L{Node.address})."""
 
 
-def _requestIndex(userAgent: bool) -> dict[str, list[int]]:
+def _requestIndex(userAgent: bool, signed: bool = False) -> dict[str, list[int]]:
     """
     The header index of a KDMQ request built by L{DMQBus.buildRequest}
-    (with or without User-Agent); every such request has its fields in the
-    same places, so they share it (a L{Headers} never changes its index).
+    (with or without User-Agent, signed or not); every such request has its
+    fields in the same places, so they share it (a L{Headers} never changes
+    its index).
     """
     names = ["to", "from", "cseq", "call-id", "content-length"]
     names += ["user-agent"] if userAgent else []
     names += ["max-forwards", "content-type"]
+    names += [AUTH_HEADER.lower()] if signed else []
     return {name: [i] for i, name in enumerate(names)}
 
 
 _REQUEST_INDEXES = {True: _requestIndex(True), False: _requestIndex(False)}
+_SIGNED_REQUEST_INDEXES = {True: _requestIndex(True, True), False: _requestIndex(False, True)}
 
 _ADDRESSING_LIMIT = 4096
 """Most C{(channel, node)} pairs whose L{_Addressing} the bus remembers."""
@@ -173,6 +180,10 @@ _CHANNELS_LIMIT = 1024
 """Most channels whose counter names the bus keeps (beyond it: rebuilt)."""
 
 
+class _UnauthenticatedResponse(Exception):
+    """A response to a signed request that is not signed for it."""
+
+
 def _isKnownDMQBus(headers: Headers) -> bool:
     agent = headers.get("user-agent")
     return agent is not None and agent.startswith("dmq-bus")
@@ -207,6 +218,10 @@ class DMQBus:
         )
         self._addressing: dict[tuple[str, SIPURI], _Addressing] = {}
         self._counterNames: dict[str, _ChannelCounters] = {}
+        self.guard: Guard | None = (
+            None if config.access.isOpen else Guard(config.access, clock, self.counters)
+        )
+        """Applies L{BusConfig.access}; None when it is open (the default)."""
 
     # -- IDMQBus
 
@@ -252,12 +267,16 @@ class DMQBus:
         addressing = self._addressing.get((channel, node.uri))
         if addressing is None:
             addressing = self._addressingOf(channel, node)
-        return self._buildRequest(addressing, body, contentType, maxForwards)
+        return self._buildRequest(addressing, body, contentType, maxForwards)[0]
 
     def _buildRequest(
         self, addressing: _Addressing, body: bytes, contentType: str, maxForwards: int
-    ) -> Request:
-        """L{buildRequest} once the addressing is known."""
+    ) -> tuple[Request, str | None]:
+        """
+        L{buildRequest} once the addressing is known, and the nonce of its
+        signature (None when unsigned). With a secret the signature is the
+        last header, after Kamailio's; without one, nothing is added.
+        """
         callID, tag = self._ids.next()
         userAgent = self.config.userAgent
         if userAgent:
@@ -281,12 +300,34 @@ class DMQBus:
                 ("Max-Forwards", str(maxForwards)),
                 ("Content-Type", contentType),
             )
-        return Request(
+        guard = self.guard
+        if guard is None or not guard.signs:
+            request = Request(
+                method=KDMQ,
+                uri=addressing.uri,
+                headers=Headers._prebuilt(fields, _REQUEST_INDEXES[bool(userAgent)]),
+                body=body,
+            )
+            return request, None
+        auth, nonce = guard.signRequest(
+            KDMQ,
+            str(addressing.uri),
+            callID,
+            "10 KDMQ",
+            fields[1][1],
+            str(maxForwards),
+            contentType,
+            body,
+        )
+        request = Request(
             method=KDMQ,
             uri=addressing.uri,
-            headers=Headers._prebuilt(fields, _REQUEST_INDEXES[bool(userAgent)]),
+            headers=Headers._prebuilt(
+                (*fields, (AUTH_HEADER, auth)), _SIGNED_REQUEST_INDEXES[bool(userAgent)]
+            ),
             body=body,
         )
+        return request, nonce
 
     def _addressingOf(self, channel: str, node: Node) -> _Addressing:
         """Build (and remember) the L{_Addressing} of C{channel} at C{node}."""
@@ -323,7 +364,7 @@ class DMQBus:
         addressing = self._addressing.get((channel, node.uri))
         if addressing is None:
             addressing = self._addressingOf(channel, node)
-        request = self._buildRequest(addressing, body, contentType, maxForwards)
+        request, nonce = self._buildRequest(addressing, body, contentType, maxForwards)
         names = self._channelCounters(channel)
         self.counters[names.outRequests] += 1
         d = self.client.request(
@@ -331,12 +372,25 @@ class DMQBus:
             addressing.address,
             timeout if timeout is not None else self.config.requestTimeout,
         )
+        if nonce is not None:
+            d = d.addCallback(self._verified, nonce, addressing.address)
         return d.addCallbacks(
             self._delivered,
             self._deliveryFailed,
             callbackArgs=(node, names),
             errbackArgs=(node, names),
         )
+
+    def _verified(self, response: Response, nonce: str, address: Address) -> Response:
+        """
+        C{response} to our request signed with C{nonce}, if it is signed for
+        it (or may be unsigned: see L{AccessPolicy.unsignedFrom}); otherwise
+        it counts as no answer at all (408), as if it had been lost.
+        """
+        assert self.guard is not None
+        if not self.guard.responseVerified(response, nonce, address.host):
+            raise _UnauthenticatedResponse(response.code)
+        return response
 
     def _delivered(self, response: Response, node: Node, names: _ChannelCounters) -> Delivery:
         self.counters[names.outResponses[response.code]] += 1
@@ -351,6 +405,8 @@ class DMQBus:
     def _deliveryFailed(self, failure: Failure, node: Node, names: _ChannelCounters) -> Failure:
         if failure.check(TooManyTransactions):
             code, reason = 503, "Too many open transactions"
+        elif failure.check(_UnauthenticatedResponse):
+            code, reason = 408, "Request Timeout (unauthenticated response ignored)"
         else:
             code, reason = 408, "Request Timeout"
         self.counters[names.outFailures[code]] += 1
@@ -397,8 +453,9 @@ class DMQBus:
         body: bytes = b"",
         contentType: str | None = None,
         extra: tuple[tuple[str, str], ...] = (),
+        nonce: str | None = None,
     ) -> Response:
-        return makeResponse(
+        response = makeResponse(
             request.headers,
             code,
             reason,
@@ -407,34 +464,64 @@ class DMQBus:
             contentType=contentType,
             extra=extra + self._serverHeader,
         )
+        if nonce is not None and self.guard is not None:
+            return self.guard.signResponse(response, nonce)
+        return response
+
+    def _refuse(self, request: Request, refusal: Refusal) -> Response:
+        """The answer to a request the access policy refuses (no peer sees it)."""
+        return self._respond(request, refusal.code, refusal.reason)
 
     def requestReceived(self, request: Request, origin: Origin) -> Response | Deferred[Response]:
         """
         Answer a request: KDMQ goes to the peer of its channel (the
-        Request-URI user); OPTIONS gets 200; other methods 405.
+        Request-URI user); OPTIONS gets 200; other methods 405. With an
+        access policy (L{BusConfig.access}) the request must first pass it,
+        whatever its method: a refused one gets 403 and reaches no peer.
         """
+        nonce = None
+        guard = self.guard
+        if guard is not None:
+            admission = guard.admit(request, origin)
+            if admission.refusal is not None:
+                return self._refuse(request, admission.refusal)
+            nonce = admission.nonce
         if request.method != KDMQ:
             if request.method == "OPTIONS":
-                return self._respond(request, 200, "OK")
+                return self._respond(request, 200, "OK", nonce=nonce)
             self.counters["in.method_not_allowed"] += 1
             return self._respond(
-                request, 405, "Method Not Allowed", extra=(("Allow", "KDMQ, OPTIONS"),)
+                request,
+                405,
+                "Method Not Allowed",
+                extra=(("Allow", "KDMQ, OPTIONS"),),
+                nonce=nonce,
             )
         channel = request.uri.user
         if not channel:
             self.counters["in.no_channel"] += 1
-            return self._respond(request, 400, "Missing Peer ID In Request-URI")
+            return self._respond(request, 400, "Missing Peer ID In Request-URI", nonce=nonce)
+        sender = self._sender(request)
+        if (
+            guard is not None
+            and guard.policy.knownNodesOnly
+            and channel != self.config.channel
+            and (sender is None or sender.status is not NodeStatus.ACTIVE)
+        ):
+            refusal = guard.refuse(FORBIDDEN_UNKNOWN_NODE, request, origin).refusal
+            assert refusal is not None
+            return self._refuse(request, refusal)
         peer = self._peers.get(channel)
         if peer is None:
             self.counters["in.unknown_channel"] += 1
-            return self._respond(request, 404, "User Not Found")
+            return self._respond(request, 404, "User Not Found", nonce=nonce)
         names = self._channelCounters(channel)
         self.counters[names.inRequests] += 1
         message = DMQMessage(
             channel=channel,
             body=request.body,
             contentType=request.headers.get("content-type"),
-            sender=self._sender(request),
+            sender=sender,
             maxForwards=request.headers.maxForwards(),
             origin=origin,
             request=request,
@@ -442,13 +529,13 @@ class DMQBus:
         try:
             result = peer.messageReceived(message)
         except Exception:
-            return self._peerFailed(Failure(), request, channel)
+            return self._peerFailed(Failure(), request, channel, nonce)
         if isinstance(result, Deferred):
             return result.addCallbacks(
-                lambda answer: self._answer(answer, request, channel),
-                lambda failure: self._peerFailed(failure, request, channel),
+                lambda answer: self._answer(answer, request, channel, nonce),
+                lambda failure: self._peerFailed(failure, request, channel, nonce),
             )
-        return self._answer(result, request, channel)
+        return self._answer(result, request, channel, nonce)
 
     def _sender(self, request: Request) -> Node | None:
         value = request.headers.get("from")
@@ -460,12 +547,15 @@ class DMQBus:
             return None
         return self.nodeList.find(uri)
 
-    def _answer(self, answer: PeerResponse, request: Request, channel: str) -> Response:
+    def _answer(
+        self, answer: PeerResponse, request: Request, channel: str, nonce: str | None = None
+    ) -> Response:
         if not isinstance(answer, PeerResponse):
             return self._peerFailed(
                 Failure(TypeError(f"peer answered {answer!r}, not a PeerResponse")),
                 request,
                 channel,
+                nonce,
             )
         code, reason = answer.code, answer.reason
         if (
@@ -479,9 +569,11 @@ class DMQBus:
             code, reason = 202, "Accepted"
             self.counters["out.downgraded_200_with_body"] += 1
         self.counters[self._channelCounters(channel).inResponses[code]] += 1
-        return self._respond(request, code, reason, answer.body, answer.contentType)
+        return self._respond(request, code, reason, answer.body, answer.contentType, nonce=nonce)
 
-    def _peerFailed(self, failure: Failure, request: Request, channel: str) -> Response:
+    def _peerFailed(
+        self, failure: Failure, request: Request, channel: str, nonce: str | None = None
+    ) -> Response:
         self.counters[f"in.peer_errors.{channel}"] += 1
         self.log.failure(
             "peer for channel {channel} failed on call_id {call_id}",
@@ -489,4 +581,4 @@ class DMQBus:
             channel=channel,
             call_id=request.headers.get("call-id"),
         )
-        return self._respond(request, 500, "Server Internal Error")
+        return self._respond(request, 500, "Server Internal Error", nonce=nonce)
