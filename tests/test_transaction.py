@@ -1126,3 +1126,34 @@ class SharedFirstRetransmissionTests(TransactionTestCase):
             delay = _delayUntil(now, deadline)
             self.assertGreaterEqual(delay, 0.0)
             self.assertLessEqual(now + delay, max(deadline, now))
+
+
+class StrictClock(Clock):
+    """A Clock that, like a real reactor, refuses negative delays."""
+
+    def callLater(self, delay: float, callable: Any, *args: Any, **kw: Any) -> Any:
+        assert delay >= 0, f"negative delay {delay}"
+        return super().callLater(delay, callable, *args, **kw)
+
+
+class LateTimerTests(TransactionTestCase):
+    """Timers that fire late, as they do on a loaded machine."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.clock = StrictClock()
+        self.transport = RecordingTransport(self.clock)
+        self.layer = self.makeLayer()
+
+    def test_lateRetransmissionStillTimesOut(self) -> None:
+        """
+        When the process is busy and Timer E fires after the transaction's
+        deadline has passed, the transaction still fails with a timeout at
+        once; it is never left waiting forever (a real reactor refuses the
+        negative delay that used to be computed).
+        """
+        d = self.layer.request(outgoing(), UDP_PEER, timeout=1.0)
+        self.clock.advance(5.0)
+        self.clock.advance(0)
+        self.failureResultOf(d, TransactionTimeout)
+        self.assertEqual(self.layer.openClientTransactions, 0)

@@ -395,7 +395,8 @@ class _ClientTransaction:
             self.interval = min(2 * self.interval, layer.policy.t2)
         now = layer.clock.seconds()
         if now + self.interval >= self.timeoutAt:
-            self.timer = layer.clock.callLater(self.timeoutAt - now, self.timedOut)
+            # late under load, now may already be past timeoutAt: never a negative delay
+            self.timer = layer.clock.callLater(_delayUntil(now, self.timeoutAt), self.timedOut)
         else:
             self.timer = layer.clock.callLater(self.interval, self.retransmit)
         layer._sendClient(self)
