@@ -20,6 +20,7 @@ import attrs
 
 from dmq_bus.bus.dispatch import DEFAULT_CHANNEL, USER_AGENT
 from dmq_bus.bus.guard import DEFAULT_SIGNATURE_WINDOW
+from dmq_bus.bus.health import HEALTH_MODES
 from dmq_bus.bus.nodelist import DEFAULT_MAX_NODES
 from dmq_bus.control import DEFAULT_CONTROL_ENDPOINT
 from dmq_bus.logs import LOG_LEVELS
@@ -124,6 +125,11 @@ SETTINGS: dict[str, Setting] = {
         Setting("multi-notify", Kind.SWITCH, False),
         Setting("ping-interval", Kind.NUMBER, 5.0, _positive, "a number > 0"),
         Setting("ping-timeout", Kind.NUMBER, 5.0, _positive, "a number > 0"),
+        Setting("health", Kind.TEXT, "auto", lambda v: v in HEALTH_MODES, "auto, on or off"),
+        Setting("probe-interval", Kind.NUMBER, 0.5, _positive, "a number > 0"),
+        Setting("probe-timeout", Kind.NUMBER, 0.3, _positive, "a number > 0"),
+        Setting("indirect-probes", Kind.INTEGER, 3, lambda n: n >= 0, "a whole number >= 0"),
+        Setting("suspicion-timeout", Kind.NUMBER, 1.0, _positive, "a number > 0"),
         Setting("request-timeout", Kind.NUMBER, None, _positive, "a number > 0"),
         Setting("leave-timeout", Kind.NUMBER, 2.0, _positive, "a number > 0"),
         Setting("t1", Kind.NUMBER, 0.5, _positive, "a number > 0"),

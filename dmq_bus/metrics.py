@@ -154,6 +154,10 @@ FAMILIES: tuple[FamilySpec, ...] = (
     family("dmq_nodelist_ghosts_ignored_total", COUNTER,
            "Received node-list lines naming a recently removed node, ignored.",
            exact("nodelist.ghosts_ignored")),
+    family("dmq_health_events_total", COUNTER,
+           "Failure detection between dmq-bus nodes (probes, indirect probes, suspicions, "
+           "refutations, nodes failed or revived), by event.",
+           matching(r"health\.(?P<event>[a-z_.]+)")),
     family("dmq_notification_joins_total", COUNTER,
            "Times this node joined a bus (first notification exchanged).",
            exact("notification.joins")),

@@ -87,6 +87,9 @@ class NodeStack:
         """
         merged: Counter[str] = Counter()
         sources = [self.transport.counters, self.transactions.counters, self.bus.counters]
+        health = getattr(self.notification, "health", None)
+        if health is not None:
+            sources.append(health.counters)
         for peer in self.bus.peers():
             counters = getattr(peer, "counters", None)
             if isinstance(counters, Counter) and all(counters is not c for c in sources):

@@ -15,6 +15,7 @@ from twisted.python import usage
 from dmq_bus.bus.discovery import SeedDiscovery
 from dmq_bus.bus.dispatch import BusConfig
 from dmq_bus.bus.guard import AccessPolicy, loadSecret, parseNetworks
+from dmq_bus.bus.health import HEALTH_MODES, HealthConfig
 from dmq_bus.bus.values import isIPLiteral
 from dmq_bus.config import (
     DEFAULT_SERVER_ADDRESS,
@@ -124,6 +125,22 @@ class Options(usage.Options):
         _parameter(
             "max-transactions", None, "Most open outgoing requests; past it sends fail at once."
         ),
+        _parameter(
+            "health",
+            None,
+            "Failure detection between dmq-bus nodes by probes: auto (on when faster than "
+            "--ping-interval + --ping-timeout), on or off.",
+        ),
+        _parameter("probe-interval", None, "Seconds between two health probes of a node."),
+        _parameter(
+            "probe-timeout",
+            None,
+            "Seconds a health probe waits for its answer (indirect probes: that + 0.2, at least 0.5).",
+        ),
+        _parameter("indirect-probes", None, "Nodes asked to probe a node that did not answer."),
+        _parameter(
+            "suspicion-timeout", None, "Seconds a suspected node has to answer before it fails."
+        ),
         _parameter("user-agent", None, "User-Agent/Server header text; empty for none."),
         _parameter(
             "control",
@@ -229,6 +246,17 @@ class Options(usage.Options):
             )
         except ValueError as e:
             raise usage.UsageError(f"{origin('server-address')}: {e}") from None
+        try:
+            self["healthConfig"] = HealthConfig(
+                enabled=HEALTH_MODES[self["health"]],
+                probeInterval=self["probe-interval"],
+                probeTimeout=self["probe-timeout"],
+                indirectTimeout=max(HealthConfig().indirectTimeout, self["probe-timeout"] + 0.2),
+                indirectProbes=self["indirect-probes"],
+                suspicionTimeout=self["suspicion-timeout"],
+            )
+        except ValueError as e:
+            raise usage.UsageError(f"{origin('probe-timeout')}: {e}") from None
         if not self["notification-channel"] or not _isToken(self["notification-channel"]):
             raise usage.UsageError(f"{origin('notification-channel')} must be a non-empty token")
         factories = peerFactories()
@@ -348,6 +376,7 @@ def makeService(options: Options) -> IService:
             transactionLimits=TransactionLimits(maxClientTransactions=options["max-transactions"]),
         )
     )
+    service.stack.notification.configureHealth(options["healthConfig"])
     if options["tableSpecs"]:
         service.bus.registerPeer(HTablePeer(service.bus, service.reactor, options["tableSpecs"]))
     registerPeers(service, options["peerSpecs"])

@@ -295,3 +295,14 @@ class WriterTests(SynchronousTestCase):
         self.assertEqual(text, b"# HELP dmq_none nothing yet\n# TYPE dmq_none gauge\n")
         families, _ = parse(text)
         self.assertEqual(families["dmq_none"].samples, [])
+
+
+class HealthFamilyTests(SynchronousTestCase):
+    """Failure-detection counters are exported under their own family."""
+
+    def test_healthEvents(self) -> None:
+        """health.* counters become dmq_health_events_total{event=...}."""
+        from dmq_bus import metrics
+
+        families = {f.spec.name: f for f in metrics.collect({"health.probes": 7})}
+        self.assertEqual(families["dmq_health_events_total"].samples, [((("event", "probes"),), 7)])

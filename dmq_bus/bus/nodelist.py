@@ -117,6 +117,8 @@ class NodeList:
         self._clock = clock
         # removed node -> clock time until which gossip cannot re-add it
         self._tombstones: dict[NodeKey, float] = {}
+        # nodes that showed they run dmq-bus (see markDMQBus); never on the wire
+        self._dmqBus: set[NodeKey] = set()
 
     # -- reading
 
@@ -154,6 +156,10 @@ class NodeList:
             for n in reversed(self._nodes.values())
             if not n.local and n.status is NodeStatus.ACTIVE
         ]
+
+    def isDMQBus(self, key: NodeKey) -> bool:
+        """Whether node C{key} is known to run dmq-bus (see L{markDMQBus})."""
+        return key in self._dmqBus
 
     def count(self, status: NodeStatus) -> int:
         """How many non-local nodes have C{status}."""
@@ -221,6 +227,20 @@ class NodeList:
         if node is not None and not node.local:
             self._nodes[key] = attrs.evolve(node, lastNotification=when)
 
+    def markDMQBus(self, key: NodeKey) -> bool:
+        """
+        Record that listed non-local node C{key} runs dmq-bus (a request of
+        its said so in its C{User-Agent}), so that it can be health-probed
+        (L{dmq_bus.bus.health}). The flag is local knowledge: node-list
+        bodies stay as Kamailio writes them. It goes with the node when it
+        is removed. Returns whether the flag is newly set.
+        """
+        node = self._nodes.get(key)
+        if node is None or node.local or key in self._dmqBus:
+            return False
+        self._dmqBus.add(key)
+        return True
+
     def hold(self, key: NodeKey) -> None:
         """
         Let gossip no longer change node C{key}'s status (as for a disabled
@@ -247,6 +267,7 @@ class NodeList:
             self._tombstones[key] = self._clock.seconds() + hold
         del self._nodes[key]
         self._held.discard(key)
+        self._dmqBus.discard(key)
         self._publish(MembershipEvent(MembershipChange.REMOVED, node))
         return node
 

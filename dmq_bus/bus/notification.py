@@ -16,11 +16,14 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from dmq_bus.bus.dispatch import DMQBus
+from dmq_bus.bus.health import HealthConfig, HealthMonitor, isDMQBusAgent, isHealthMessage
 from dmq_bus.bus.nodelist import parseNodeLines
 from dmq_bus.bus.values import (
     Delivery,
     DeliveryFailed,
     DMQMessage,
+    MembershipChange,
+    MembershipEvent,
     Node,
     NodeKey,
     NodeStatus,
@@ -73,6 +76,12 @@ class NotificationPeer:
         self._loop: LoopingCall | None = None
         self.joined = False
         self.leaving = False
+        self.health = HealthMonitor(bus, clock, self._healthFailed)
+        self.nodeList.addObserver(self._greet)
+
+    def configureHealth(self, config: HealthConfig) -> None:
+        """Use C{config} for failure detection between dmq-bus nodes (before L{start})."""
+        self.health.config = config
 
     # -- life cycle
 
@@ -85,6 +94,7 @@ class NotificationPeer:
         self._loop.start(self.bus.config.pingInterval, now=False).addErrback(
             lambda f: self.log.failure("ping loop died", f)
         )
+        self.health.start()
 
     def _addSeeds(self) -> None:
         for seed in self._seeds:
@@ -121,10 +131,11 @@ class NotificationPeer:
 
     def ping(self) -> None:
         """
-        Send our list to every other node, whatever its status; a node that
-        still has a ping outstanding is skipped. Alone (no other node): re-add
-        the seeds and join again, and run the peers' join hooks again on the
-        next exchange.
+        Send our list to every other node, whatever its status, except the
+        nodes the health monitor covers: of those, C{gossipNodes} picked at
+        random; a node that still has a ping outstanding is skipped. Alone
+        (no other node): re-add the seeds and join again, and run the peers'
+        join hooks again on the next exchange.
         """
         if self.leaving:
             return
@@ -137,9 +148,16 @@ class NotificationPeer:
             self._addSeeds()
             self.join()
             return
+        covered = []
         for node in others:
-            if node.key not in self._outstanding:
+            if self.health.covers(node):
+                covered.append(node)
+            elif node.key not in self._outstanding:
                 self._notify(node, PING_MAX_FORWARDS, tracked=True)
+        idle = [node for node in covered if node.key not in self._outstanding]
+        count = min(self.health.config.gossipNodes, len(idle))
+        for node in self.health.random.sample(idle, count):
+            self._notify(node, PING_MAX_FORWARDS, tracked=True)
 
     def leave(self) -> Deferred[None]:
         """
@@ -149,6 +167,7 @@ class NotificationPeer:
         on notifications are answered 503, so that nobody marks us active again.
         """
         self.leaving = True
+        self.health.stop()
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         body = self.nodeList.body(announce=NodeStatus.DISABLED)
@@ -169,6 +188,7 @@ class NotificationPeer:
     def stop(self) -> None:
         """Stop pinging (without announcing anything)."""
         self.leaving = True
+        self.health.stop()
         if self._loop is not None and self._loop.running:
             self._loop.stop()
 
@@ -176,6 +196,7 @@ class NotificationPeer:
 
     def _notify(self, node: Node, maxForwards: int, *, tracked: bool) -> None:
         statusAtSend = node.status
+        coveredAtSend = self.health.covers(node)
         key = node.key
         if tracked:
             self._outstanding.add(key)
@@ -187,12 +208,17 @@ class NotificationPeer:
             maxForwards,
             timeout=self.bus.config.pingTimeout,
         )
-        d.addCallbacks(self._answered, self._failed, errbackArgs=(node, statusAtSend))
+        d.addCallbacks(
+            self._answered,
+            self._failed,
+            callbackArgs=(coveredAtSend,),
+            errbackArgs=(node, statusAtSend, coveredAtSend),
+        )
         if tracked:
             d.addBoth(lambda _: self._outstanding.discard(key))
         d.addErrback(lambda f: self.log.failure("handling a notification answer failed", f))
 
-    def _answered(self, delivery: Delivery) -> None:
+    def _answered(self, delivery: Delivery, covered: bool = False) -> None:
         if self.leaving:
             return
         if delivery.code == 200:
@@ -201,21 +227,27 @@ class NotificationPeer:
             self.nodeList.merge(parseNodeLines(delivery.body, self.counters))
             self._runJoinHooks()
         elif delivery.code == 408:
-            self._nodeFailed(delivery.node, delivery.node.status)
+            self._nodeFailed(delivery.node, delivery.node.status, covered)
         else:
             self.counters[f"notification.answers_ignored.{delivery.code}"] += 1
 
-    def _failed(self, failure: Failure, node: Node, statusAtSend: NodeStatus) -> None:
+    def _failed(
+        self, failure: Failure, node: Node, statusAtSend: NodeStatus, covered: bool = False
+    ) -> None:
         if self.leaving:
             return
         error = failure.value
         if isinstance(error, DeliveryFailed) and error.code == 408:
-            self._nodeFailed(node, statusAtSend)
+            self._nodeFailed(node, statusAtSend, covered)
         else:
             self.counters["notification.local_failures"] += 1
 
-    def _nodeFailed(self, node: Node, statusAtSend: NodeStatus) -> None:
+    def _nodeFailed(self, node: Node, statusAtSend: NodeStatus, covered: bool = False) -> None:
         key = node.key
+        if covered:
+            # a dmq-bus node that was active: the health monitor judges it
+            self.health.counters["health.notification_failures_ignored"] += 1
+            return
         if key in self._seedKeys:
             # unlike Kamailio, gossip may not make it active again: only its own answer
             self.nodeList.hold(key)
@@ -232,6 +264,48 @@ class NotificationPeer:
                 self.counters["notification.nodes_disabled"] += 1
                 self.log.debug("node {node} disabled: no answer", node=str(node))
 
+    def _greet(self, event: MembershipEvent) -> None:
+        """
+        With health probes on, ping a node learned from a list at once
+        rather than at the next ping interval, so that both sides learn
+        from the other's C{User-Agent} whether it runs dmq-bus (a Kamailio
+        node just gets one more ping).
+        """
+        if (
+            event.change is not MembershipChange.ADDED
+            or self._loop is None
+            or self.leaving
+            or not self.health.enabled
+        ):
+            return
+        key = event.node.key
+        if key not in self._seedKeys:
+            self.clock.callLater(0, self._greetNow, key)
+
+    def _greetNow(self, key: NodeKey) -> None:
+        node = self.nodeList.get(key)
+        if node is None or self.leaving or key in self._outstanding:
+            return
+        if self.nodeList.isDMQBus(key):
+            return
+        self.health.counters["health.greetings_sent"] += 1
+        self._notify(node, PING_MAX_FORWARDS, tracked=True)
+
+    def _healthFailed(self, node: Node) -> None:
+        """
+        The health monitor found C{node} failed: a seed goes back to pending
+        (held, as for a failed ping), any other node is disabled.
+        """
+        if self.leaving:
+            return
+        key = node.key
+        if key in self._seedKeys:
+            self.nodeList.hold(key)
+            self.nodeList.setStatus(key, NodeStatus.PENDING)
+        elif self.nodeList.setStatus(key, NodeStatus.DISABLED) is not None:
+            self.counters["notification.nodes_disabled"] += 1
+            self.log.debug("node {node} disabled: failed health probes", node=str(node))
+
     def _runJoinHooks(self) -> None:
         if self.joined:
             return
@@ -247,14 +321,18 @@ class NotificationPeer:
 
     # -- IDMQPeer
 
-    def messageReceived(self, message: DMQMessage) -> PeerResponse:
+    def messageReceived(self, message: DMQMessage) -> PeerResponse | Deferred[PeerResponse]:
         """
-        Merge the sender's list; when it changed ours and the hop budget
+        A health message (C{Content-Type} C{application/x-dmq-health}) goes to
+        the health monitor. Otherwise: note whether the sender runs dmq-bus;
+        merge the sender's list; when it changed ours and the hop budget
         (Max-Forwards − 1) allows, rebroadcast our list to every active node
         first; then answer 200 with our list.
         """
         if self.leaving:
             return PeerResponse(503, "Service Unavailable")
+        if isHealthMessage(message.contentType):
+            return self.health.messageReceived(message)
         try:
             sender = message.request.headers.nameAddr("from")
         except SIPParseError:
@@ -266,6 +344,8 @@ class NotificationPeer:
         if senderKey is not None:
             # after the merge, so that a joining node's first message counts too
             self.nodeList.touch(senderKey, self.clock.seconds())
+            if isDMQBusAgent(message.request.headers):
+                self.nodeList.markDMQBus(senderKey)
         budget = (message.maxForwards or 0) - 1
         if changed and budget > 0:
             self.counters["notification.rebroadcasts"] += 1
