@@ -282,3 +282,32 @@ class MergeTests(SynchronousTestCase):
     def test_localMustBeIPLiteral(self) -> None:
         """The local node's host must be an IP literal (it goes into every body)."""
         self.assertRaises(ValueError, NodeList, node("sip:example.com:5060"))
+
+
+class CacheTests(SynchronousTestCase):
+    """Bodies are built once per change and parsed once per distinct body."""
+
+    def test_bodyFollowsChanges(self) -> None:
+        """The cached body is rebuilt after every addition, status change and removal."""
+        nodes = nodeList()
+        first = nodes.body()
+        self.assertIs(nodes.body(), first)
+        nodes.add(node("sip:127.0.0.1:1"))
+        self.assertIn(b"sip:127.0.0.1:1;status=active", nodes.body())
+        nodes.setStatus(("127.0.0.1", 1, None), NodeStatus.DISABLED)
+        self.assertEqual(nodes.body(), first)
+        nodes.setStatus(("127.0.0.1", 1, None), NodeStatus.ACTIVE)
+        nodes.remove(("127.0.0.1", 1, None))
+        self.assertEqual(nodes.body(), first)
+        self.assertIn(b"status=disabled", nodes.body(announce=NodeStatus.DISABLED))
+        self.assertEqual(nodes.body(), first, "an announcement does not replace the cache")
+
+    def test_badLinesCountedEveryTime(self) -> None:
+        """A remembered body still counts its bad lines each time it arrives."""
+        from collections import Counter
+
+        counters: Counter[str] = Counter()
+        body = b"sip:127.0.0.1:1;status=active\r\nnonsense\r\n"
+        for _ in range(3):
+            self.assertEqual(len(parseNodeLines(body, counters)), 1)
+        self.assertEqual(counters["nodelist.bad_lines"], 3)

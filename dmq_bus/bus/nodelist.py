@@ -5,6 +5,7 @@ merge rules and a node-list body codec that is safe for 5.6.3 receivers.
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from collections.abc import Callable, Iterable
 
@@ -50,6 +51,13 @@ class NodeLine:
         return nodeKey(self.uri)
 
 
+MEMO_BODY_BYTES = 8192
+"""
+Bodies up to this size are parsed once and remembered (the last 512): on
+a steady bus every ping carries the same list. Larger ones are parsed each time.
+"""
+
+
 def parseNodeLines(body: bytes, counters: Counter[str] | None = None) -> list[NodeLine]:
     """
     Parse a node-list body leniently: LF or CRLF line ends, surrounding
@@ -57,36 +65,46 @@ def parseNodeLines(body: bytes, counters: Counter[str] | None = None) -> list[No
     unknown status word is skipped (counted as C{nodelist.bad_lines}), the
     rest of the body still counts.
     """
+    lines, bad = _parseMemo(body) if len(body) <= MEMO_BODY_BYTES else _parse(body)
+    if bad and counters is not None:
+        counters["nodelist.bad_lines"] += bad
+    return list(lines)
+
+
+@functools.lru_cache(maxsize=512)
+def _parseMemo(body: bytes) -> tuple[tuple[NodeLine, ...], int]:
+    return _parse(body)
+
+
+def _parse(body: bytes) -> tuple[tuple[NodeLine, ...], int]:
+    """The good lines of C{body} and how many bad ones it has."""
+    bad = 0
     out: list[NodeLine] = []
     for raw in body.split(b"\n"):
         raw = raw.strip(b" \t\r\x00")
         if not raw:
             continue
         if len(raw) > MAX_LINE_LENGTH:
-            if counters is not None:
-                counters["nodelist.bad_lines"] += 1
+            bad += 1
             continue
         try:
             uri = SIPURI.parse(raw.decode("utf-8", "surrogateescape"))
         except SIPParseError:
-            if counters is not None:
-                counters["nodelist.bad_lines"] += 1
+            bad += 1
             continue
         transport = uri.param("transport")
         if transport is not None and transport.lower() not in NODE_TRANSPORTS:
-            if counters is not None:
-                counters["nodelist.bad_lines"] += 1
+            bad += 1
             continue
         word = uri.param("status")
         status: NodeStatus | None = None
         if word is not None:
             status = NodeStatus.fromWord(word)
             if status is None:
-                if counters is not None:
-                    counters["nodelist.bad_lines"] += 1
+                bad += 1
                 continue
         out.append(NodeLine(uri=uri, status=status))
-    return out
+    return tuple(out), bad
 
 
 class NodeList:
@@ -119,6 +137,7 @@ class NodeList:
         self._tombstones: dict[NodeKey, float] = {}
         # nodes that showed they run dmq-bus (see markDMQBus); never on the wire
         self._dmqBus: set[NodeKey] = set()
+        self._body: bytes | None = None
 
     # -- reading
 
@@ -178,6 +197,7 @@ class NodeList:
         return remove
 
     def _publish(self, event: MembershipEvent) -> None:
+        self._body = None
         self.counters[f"membership.{event.change.value}"] += 1
         for observer in list(self._observers):
             try:
@@ -329,12 +349,18 @@ class NodeList:
         CRLF-terminated (the last one too). Nodes whose host is not an IP
         literal are left out (a 5.6.3 receiver would resolve them by DNS,
         and a failure locks it up). C{announce} overrides the local node's
-        status word (C{disabled} when leaving).
+        status word (C{disabled} when leaving). Built once per change of
+        the list.
         """
+        if announce is None and self._body is not None:
+            return self._body
         lines = []
         for node in reversed(self._nodes.values()):
             if node.local:
                 lines.append(node.line(announce))
             elif node.status is NodeStatus.ACTIVE and isIPLiteral(node.uri.host):
                 lines.append(node.line())
-        return "".join(f"{line}\r\n" for line in lines).encode("ascii")
+        body = "".join(f"{line}\r\n" for line in lines).encode("ascii")
+        if announce is None:
+            self._body = body
+        return body
