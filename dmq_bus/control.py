@@ -1338,6 +1338,20 @@ class ControlSite(Site):
         """Where a request body goes (called by L{Request.gotLength})."""
         return BoundedBody(self.maxBody)
 
+    def log(self, request: Any) -> None:
+        """
+        Access log at DEBUG only: scrapes and dmq-ctl calls are not news
+        (twisted.web writes one INFO line per request otherwise).
+        """
+        self._accessLog.debug(
+            "{method} {path} -> {code}",
+            method=request.method.decode("ascii", "replace"),
+            path=request.uri.decode("ascii", "replace"),
+            code=request.code,
+        )
+
+    _accessLog = Logger()
+
 
 class ControlService(Service):
     """

@@ -158,6 +158,17 @@ FAMILIES: tuple[FamilySpec, ...] = (
            "Failure detection between dmq-bus nodes (probes, indirect probes, suspicions, "
            "refutations, nodes failed or revived), by event.",
            matching(r"health\.(?P<event>[a-z_.]+)")),
+    family("dmq_nodes_failed_total", COUNTER,
+           "Nodes marked disabled (no answer) and removed (no answer while disabled).",
+           exact("notification.nodes_disabled", change="disabled"),
+           exact("notification.nodes_removed", change="removed")),
+    family("dmq_requests_forbidden_total", COUNTER,
+           "Requests refused with 403 by membership control, by reason (network, "
+           "unknown_node, unsigned, bad_signature, stale, replayed).",
+           matching(r"in\.forbidden\.(?P<reason>[a-z_]+)")),
+    family("dmq_discovery_events_total", COUNTER,
+           "DNS seed discovery: resolutions, failures, seeds added and dropped, truncations.",
+           matching(r"discovery\.(?P<event>[a-z_]+)")),
     family("dmq_notification_joins_total", COUNTER,
            "Times this node joined a bus (first notification exchanged).",
            exact("notification.joins")),

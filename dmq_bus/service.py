@@ -148,8 +148,8 @@ class DMQService(MultiService):
         )
         super().startService()  # type: ignore[no-untyped-call]
         self.log.info(
-            "dmq-bus node {server} listening on udp and tcp; seeds: {seeds}",
-            server=str(server),
+            "dmq-bus node {node} listening on udp and tcp; seeds: {seeds}",
+            node=str(server),
             seeds=", ".join(str(s) for s in self.config.bus.notificationAddresses) or "none",
         )
         self.stack.start()
