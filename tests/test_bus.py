@@ -21,10 +21,12 @@ from dmq_bus.bus.values import (
     DMQMessage,
     MembershipChange,
     MembershipEvent,
+    NodeStatus,
     PeerResponse,
 )
 from dmq_bus.interfaces import IDMQBus, IDMQPeer, IDMQPeerFactory, ISIPRequestHandler
 from dmq_bus.peers.echo import EchoPeer, EchoPeerFactory
+from dmq_bus.sip.address import Address, Origin
 from dmq_bus.sip.message import Headers, Request
 from dmq_bus.sip.parser import parseMessage
 from dmq_bus.sip.uri import SIPURI
@@ -596,3 +598,51 @@ class StatsTests(SynchronousTestCase):
         self.assertGreater(stats["client.started"], 0)
         self.assertEqual(stats["transactions.client_open"], 0)
         del b
+
+
+class RevivalTests(SynchronousTestCase):
+    """A node that talks to us is alive, whatever our last ping said."""
+
+    def test_restartedNodeActiveAtOnce(self) -> None:
+        """
+        A node that left (announced disabled) and restarted within a ping
+        interval is active on the others as soon as its join arrives, so
+        writes made there reach it (Kamailio 5.6.3 waits for its own ping).
+        """
+        network = MemoryNetwork()
+        a = network.addNode("127.0.0.1", pingInterval=30.0, pingTimeout=5.0)
+        b = network.addNode("127.0.0.2", seeds=[a], pingInterval=30.0, pingTimeout=5.0)
+        network.run(0.1)
+        stopped = b.stop()
+        network.run(0.01)
+        self.successResultOf(stopped)
+        self.assertEqual(statuses(a).get(b.uri), "disabled")
+        network.addNode("127.0.0.2", seeds=[a], pingInterval=30.0, pingTimeout=5.0)
+        network.run(0.05)
+        self.assertEqual(statuses(a).get(b.uri), "active")
+        self.assertEqual(a.bus.counters["notification.revived_by_request"], 1)
+
+    def test_leavingAnnouncementNotRevival(self) -> None:
+        """The leave announcement itself (own line disabled) does not make the node active."""
+        network = MemoryNetwork()
+        a = network.addNode("127.0.0.1", **FAST)
+        b = network.addNode("127.0.0.2", seeds=[a], **FAST)
+        network.run(0.1)
+        b.stack.notification.leave()
+        network.run(0.01)
+        self.assertEqual(statuses(a).get(b.uri), "disabled")
+        self.assertEqual(a.bus.counters["notification.revived_by_request"], 0)
+
+    def test_otherHostCannotRevive(self) -> None:
+        """A notification naming a disabled node but sent from another host revives nothing."""
+        network = MemoryNetwork()
+        a = network.addNode("127.0.0.1", **FAST)
+        b = network.addNode("127.0.0.2", seeds=[a], **FAST)
+        network.run(0.1)
+        entry = a.bus.findNode(b.uri)
+        assert entry is not None
+        a.bus.nodeList.setStatus(entry.key, NodeStatus.DISABLED)
+        forged = b.bus.buildRequest("notification_peer", a.bus.localNode, b"", "text/plain", 1)
+        origin = Origin(Address("udp", "127.0.0.9", 5060))
+        a.bus.requestReceived(forged, origin)
+        self.assertEqual(statuses(a).get(b.uri), "disabled")

@@ -17,7 +17,7 @@ from zope.interface import implementer
 
 from dmq_bus.bus.dispatch import DMQBus
 from dmq_bus.bus.health import HealthConfig, HealthMonitor, isDMQBusAgent, isHealthMessage
-from dmq_bus.bus.nodelist import parseNodeLines
+from dmq_bus.bus.nodelist import NodeLine, parseNodeLines
 from dmq_bus.bus.values import (
     Delivery,
     DeliveryFailed,
@@ -340,12 +340,14 @@ class NotificationPeer:
         senderKey = nodeKey(sender.uri) if sender is not None else None
         if senderKey is not None:
             self.nodeList.forgive(senderKey)
-        changed = self.nodeList.merge(parseNodeLines(message.body, self.counters))
+        lines = parseNodeLines(message.body, self.counters)
+        changed = self.nodeList.merge(lines)
         if senderKey is not None:
             # after the merge, so that a joining node's first message counts too
             self.nodeList.touch(senderKey, self.clock.seconds())
             if isDMQBusAgent(message.request.headers):
                 self.nodeList.markDMQBus(senderKey)
+            changed = self._heardFrom(senderKey, lines, message) or changed
         budget = (message.maxForwards or 0) - 1
         if changed and budget > 0:
             self.counters["notification.rebroadcasts"] += 1
@@ -353,6 +355,28 @@ class NotificationPeer:
                 self._notify(node, budget, tracked=False)
         self._runJoinHooks()
         return PeerResponse(200, "OK", self.nodeList.body(), TEXT_PLAIN)
+
+    def _heardFrom(self, key: NodeKey, lines: list[NodeLine], message: DMQMessage) -> bool:
+        """
+        A notification from node C{key} itself, from its own host, proves it
+        alive: a disabled or pending node is active again at once (not only
+        when our next ping is answered, as in Kamailio 5.6.3), unless its
+        own line says otherwise (a leaving node announces C{disabled}).
+        Without this, a node restarted within a ping interval stays disabled
+        on the others, who send it no writes meanwhile. Returns whether the
+        status changed.
+        """
+        node = self.nodeList.get(key)
+        if node is None or node.status is NodeStatus.ACTIVE:
+            return False
+        if node.address.host != message.origin.address.host:
+            return False
+        own = [line.status for line in lines if line.key == key]
+        if own and own[-1] not in (None, NodeStatus.ACTIVE):
+            return False
+        self.nodeList.release(key)
+        self.counters["notification.revived_by_request"] += 1
+        return self.nodeList.setStatus(key, NodeStatus.ACTIVE) is not None
 
     def busJoined(self) -> None:
         """Nothing to do: this peer is what joins."""
