@@ -930,6 +930,21 @@ class SyncAnswerTests(SynchronousTestCase):
         self.assertEqual(bus.sent, [])
         self.assertEqual(peer.counters["htable.sync.unknown_requester"], 1)
 
+    def test_smallerChunksOverTCP(self) -> None:
+        """
+        Toward a node reached over TCP, chunks are at most streamChunkSize
+        (Kamailio 5.6.3 drops TCP messages over its 16 KiB read buffer).
+        """
+        peer, bus, _ = localPeer()
+        for i in range(2000):
+            kv(peer).set(f"key{i:05}", "x" * 40)
+        sender = nodeAt("sip:127.0.0.1:5099;transport=tcp")
+        answer(peer, encodeSyncRequest(), sender=sender)
+        sizes = [len(body) for _, body, _, _ in bus.sent]
+        self.assertGreater(len(sizes), 4)
+        self.assertLessEqual(max(sizes), HTableLimits().streamChunkSize)
+        self.assertEqual(peer.chunkSizeFor(REQUESTER), 60_000)
+
     def test_knownSenderGetsChunks(self) -> None:
         """A known node's sync request is answered to that node's entry."""
         peer, bus, _ = localPeer()

@@ -45,8 +45,11 @@ from dmq_bus.bus.values import (
     BroadcastResult,
     Delivery,
     DMQMessage,
+    MembershipChange,
+    MembershipEvent,
     Node,
     NodeKey,
+    NodeStatus,
     PeerResponse,
 )
 from dmq_bus.interfaces import (
@@ -517,9 +520,14 @@ def decodeMessage(body: bytes) -> Action | SyncCells:
 # Limits
 
 
-def _positive(instance: object, attribute: attrs.Attribute[int], value: int) -> None:
+def _positive(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
     if value <= 0:
         raise ValueError(f"{attribute.name} must be positive, not {value}")
+
+
+def _nonNegative(instance: object, attribute: attrs.Attribute[Any], value: float) -> None:
+    if value < 0:
+        raise ValueError(f"{attribute.name} must be 0 or more, not {value}")
 
 
 @attrs.frozen
@@ -569,6 +577,15 @@ class HTableLimits:
     costs retransmissions.
     """
 
+    streamChunkSize: int = attrs.field(default=15_000, validator=_positive)
+    """
+    Bytes of one sync chunk sent over TCP or TLS. Kamailio 5.6.3 reads a
+    TCP message into a 16 KiB buffer (core C{tcp_rd_buf_size}) and drops a
+    larger one ("tcp_read(): buffer overrun, dropping"): a 60,000-byte chunk
+    never arrives and the sync request times out. Over UDP, C{chunkSize}
+    (60,000) applies, as in Kamailio.
+    """
+
     maxSyncStreams: int = attrs.field(default=8, validator=_positive)
     """
     Sync answers streaming at once, to different requesters. A sync request
@@ -576,6 +593,25 @@ class HTableLimits:
     answered 200 without sending anything (counted as
     C{htable.sync.refused_busy}); the requester's own retransmissions are
     absorbed earlier, by the SIP server transaction.
+    """
+
+    resyncInterval: float = attrs.field(default=10.0, validator=_positive)
+    """
+    Seconds between two heal re-syncs asked of the same node (see
+    L{HTablePeer}). A node that comes back again sooner (it flapped) is
+    asked once more when the interval ends, if it is still active then
+    (counted as C{htable.resync.postponed}); one request at most is pending
+    per node. With a big table a re-sync costs a full copy in each
+    direction, which is what the interval bounds.
+    """
+
+    resyncRetries: int = attrs.field(default=3, validator=_nonNegative)
+    """
+    Times a heal re-sync is asked again, C{resyncInterval} apart, when the
+    node answered without sending a single chunk (it did not list us yet,
+    or was busy streaming) or did not answer at all. After the last retry
+    the node is left alone (C{htable.resync.given_up}) until it comes back
+    again.
     """
 
 
@@ -691,6 +727,26 @@ class TableChange:
     value: Value | None
     kind: ChangeKind
     origin: ChangeOrigin
+
+
+def _valueOrder(value: Value) -> tuple[int, int, bytes]:
+    if isinstance(value, int):
+        return (0, value, b"")
+    return (1, 0, valueBytes(value))
+
+
+def syncWinner(local: Value, received: Value) -> Value:
+    """
+    The conflict rule of sync cells: of two different values for one key,
+    the greater one stays, ints before strings, ints by number, strings by
+    their bytes. The rule only sees values (Kamailio's sync cells carry no
+    write time), so it does not know which write was the last; what it
+    gives is agreement: two nodes that exchange their tables (a heal
+    re-sync goes both ways) end up with the same value, whichever chunk
+    arrives first. Equal values: the received cell is applied (its expiry
+    is taken).
+    """
+    return received if _valueOrder(received) > _valueOrder(local) else local
 
 
 def _checkInt(value: int, what: str) -> None:
@@ -902,9 +958,19 @@ class HashTable:
         """
         Store a synced cell: C{cell.expire − now} seconds of life, the
         table's default when that is ≤ 0. False when the table is full.
+
+        A cell for a key held here with a different value is settled by
+        L{syncWinner}: when the local value wins, the cell is dropped
+        (counted as C{htable.sync.conflicts_kept}) and True is returned.
         """
-        if cell.cname not in self._cells and not self._roomForNewKey():
-            return False
+        local = self._cells.get(cell.cname)
+        if local is None:
+            if not self._roomForNewKey():
+                return False
+        elif local[0] != cell.value and syncWinner(local[0], cell.value) == local[0]:
+            if not local[1] or local[1] > self.clock.seconds():
+                self.counters["htable.sync.conflicts_kept"] += 1
+                return True
         now = self.clock.seconds()
         expiresAt = float(cell.expire) if cell.expire > now else self._defaultExpiry()
         self._store(cell.cname, cell.value, expiresAt, "sync", "sync")
@@ -1216,6 +1282,29 @@ class HTablePeer:
     node, and following the From-URI blindly would let anyone reflect our
     whole table at any host (a ~60,000x amplification). A joining node
     is always known by then: its join is processed before its sync request.
+
+    Heal re-sync: once joined, when a node becomes active that was not
+    (added to our list as active, or gone from disabled, pending or timeout
+    to active: a partition healed, a stopped node resumed, a crashed node
+    restarted), this peer asks THAT node, and only it, for a full copy
+    (C{{"action":1}}, an ordinary sync request; Kamailio answers it too).
+    The other side does the same on its own membership change, so writes
+    made on either side of a partition reach both. At most one request per
+    node per L{HTableLimits.resyncInterval}; an answer without any chunk
+    (the node did not list us yet) is retried L{HTableLimits.resyncRetries}
+    times. A node that asks us for a copy is asked back (same interval),
+    which covers a node that never saw us go (it was stopped). While this
+    node is alone, or has not joined yet, nothing is asked: L{busJoined}
+    asks everybody.
+
+    Conflicts: a sync cell for a key held here with another value is
+    settled by L{syncWinner} (the greater value stays), so both sides of a
+    healed partition agree on every key, but a key written on both sides
+    keeps the greater value, not necessarily the last one written. Deletes
+    are not carried by a sync: a key deleted on one side during a partition
+    and still held on the other comes back everywhere. Kamailio nodes
+    apply sync cells in arrival order and never re-sync after a heal: on a
+    mixed bus they may keep a different value for a conflicting key.
     """
 
     log = Logger()
@@ -1242,10 +1331,18 @@ class HTablePeer:
         self.counters: Counter[str] = Counter()
         self._tables: dict[str, HashTable] = {}
         self._syncing: set[NodeKey] = set()
+        self._joined = False
+        # heal re-sync state, per node: when last asked, the postponed
+        # request, retries left, chunks received from it
+        self._resyncAt: dict[NodeKey, float] = {}
+        self._resyncLater: dict[NodeKey, IDelayedCall] = {}
+        self._resyncRetriesLeft: dict[NodeKey, int] = {}
+        self._chunksFrom: Counter[NodeKey] = Counter()
         for spec in specs:
             if spec.name in self._tables:
                 raise ValueError(f"htable: table {spec.name!r} declared twice")
             self._tables[spec.name] = HashTable(spec, bus, clock, self.counters, limits)
+        self._stopObserving = bus.addMembershipObserver(self._membershipChanged)
 
     # -- IHashTables
 
@@ -1259,8 +1356,13 @@ class HTablePeer:
 
     def busJoined(self) -> None:
         """Ask every active node for a full copy (when C{syncOnJoin})."""
-        if not self.syncOnJoin or not any(t.spec.replicate for t in self._tables.values()):
+        self._joined = True
+        if not self._replicating():
             return
+        now = self.clock.seconds()
+        for node in self.bus.nodes():
+            if not node.local and node.status is NodeStatus.ACTIVE:
+                self._resyncAt[node.key] = now
         self.counters["htable.sync.requests_sent"] += 1
         d = self.bus.broadcast(CHANNEL, encodeSyncRequest(), CONTENT_TYPE, maxForwards=1)
         d.addErrback(lambda failure: self.log.failure("htable sync request failed", failure))
@@ -1275,9 +1377,98 @@ class HTablePeer:
             return _INTERNAL_ERROR
 
     def stop(self) -> None:
-        """Cancel every table's expiry sweep (call when the node stops)."""
+        """Cancel every table's expiry sweep and pending re-sync (call when the node stops)."""
         for table in self._tables.values():
             table.stop()
+        self._stopObserving()
+        for call in self._resyncLater.values():
+            if call.active():
+                call.cancel()
+        self._resyncLater.clear()
+
+    # -- heal re-sync
+
+    def _replicating(self) -> bool:
+        return self.syncOnJoin and any(t.spec.replicate for t in self._tables.values())
+
+    def _membershipChanged(self, event: MembershipEvent) -> None:
+        node = event.node
+        if node.local:
+            return
+        if event.change is MembershipChange.REMOVED:
+            self._resyncRetriesLeft.pop(node.key, None)
+            if not any(not n.local for n in self.bus.nodes()):
+                # alone: the next exchange runs busJoined again
+                self._joined = False
+            return
+        cameBack = node.status is NodeStatus.ACTIVE and (
+            event.change is MembershipChange.ADDED
+            or (event.change is MembershipChange.STATUS and event.previous is not NodeStatus.ACTIVE)
+        )
+        if cameBack and self._joined and self._replicating():
+            self._resyncRetriesLeft[node.key] = self.limits.resyncRetries
+            self._askResync(node.key)
+
+    def _askResync(self, key: NodeKey) -> None:
+        """Ask node C{key} for a full copy now, or when its interval ends."""
+        pending = self._resyncLater.get(key)
+        if pending is not None and pending.active():
+            return
+        last = self._resyncAt.get(key)
+        now = self.clock.seconds()
+        if last is not None and now - last < self.limits.resyncInterval:
+            self.counters["htable.resync.postponed"] += 1
+            self._resyncLater[key] = self.clock.callLater(
+                last + self.limits.resyncInterval - now, self._resyncDue, key
+            )
+            return
+        self._sendResync(key)
+
+    def _resyncDue(self, key: NodeKey) -> None:
+        self._resyncLater.pop(key, None)
+        self._sendResync(key)
+
+    def _activeNode(self, key: NodeKey) -> Node | None:
+        for node in self.bus.nodes():
+            if node.key == key:
+                return node if node.status is NodeStatus.ACTIVE and not node.local else None
+        return None
+
+    def _sendResync(self, key: NodeKey) -> None:
+        node = self._activeNode(key)
+        if node is None or not self._joined:
+            return
+        self._resyncAt[key] = self.clock.seconds()
+        self.counters["htable.resync.requests_sent"] += 1
+        chunksBefore = self._chunksFrom[key]
+        try:
+            d = self.bus.send(CHANNEL, node, encodeSyncRequest(), CONTENT_TYPE, maxForwards=1)
+        except Exception:
+            self.log.failure("htable re-sync request to {node} failed", node=str(node))
+            self._resyncUnanswered(key)
+            return
+        d.addCallbacks(
+            self._resyncAnswered,
+            lambda _: self._resyncUnanswered(key),
+            callbackArgs=(key, chunksBefore),
+        )
+
+    def _resyncAnswered(self, delivery: Delivery, key: NodeKey, chunksBefore: int) -> None:
+        if delivery.ok and self._chunksFrom[key] > chunksBefore:
+            self._resyncRetriesLeft.pop(key, None)
+            return
+        self._resyncUnanswered(key)
+
+    def _resyncUnanswered(self, key: NodeKey) -> None:
+        """No chunk came back for a re-sync request: ask again, a bounded number of times."""
+        left = self._resyncRetriesLeft.get(key, 0)
+        if left <= 0:
+            self._resyncRetriesLeft.pop(key, None)
+            self.counters["htable.resync.given_up"] += 1
+            return
+        self._resyncRetriesLeft[key] = left - 1
+        self.counters["htable.resync.retries"] += 1
+        self._askResync(key)
 
     # -- internals
 
@@ -1291,6 +1482,8 @@ class HTablePeer:
             )
             return _BAD_REQUEST
         if isinstance(decoded, SyncCells):
+            if message.sender is not None:
+                self._chunksFrom[message.sender.key] += 1
             return self._applyCells(decoded)
         if decoded.action == ACTION_SYNC:
             return self._answerSync(message)
@@ -1340,9 +1533,35 @@ class HTablePeer:
             self.counters["htable.sync.refused_busy"] += 1
             return _OK
         self._syncing.add(node.key)
-        chunks = iterChunks(self._allCells(), self.chunkSize)
+        chunks = iterChunks(self._allCells(), self.chunkSizeFor(node))
         _ChunkSender(self, node, chunks, self.limits.syncWindow).pump()
+        self._askBack(node.key)
         return _OK
+
+    def _askBack(self, key: NodeKey) -> None:
+        """
+        A node asking us for a copy has seen us come back, or is joining:
+        it may hold writes we missed (we may not have noticed it was gone,
+        like a node that was stopped). Ask it back, unless it was asked
+        within the interval (then nothing: no ping-pong).
+        """
+        if not self._joined or not self._replicating() or key in self._resyncLater:
+            return
+        last = self._resyncAt.get(key)
+        if last is not None and self.clock.seconds() - last < self.limits.resyncInterval:
+            return
+        self.counters["htable.resync.asked_back"] += 1
+        self._sendResync(key)
+
+    def chunkSizeFor(self, node: Node) -> int:
+        """
+        The sync chunk size toward C{node}: C{chunkSize}, or at most
+        L{HTableLimits.streamChunkSize} when the node is reached over TCP or
+        TLS.
+        """
+        if node.transport == "udp":
+            return self.chunkSize
+        return min(self.chunkSize, self.limits.streamChunkSize)
 
     def _syncFinished(self, node: Node) -> None:
         self._syncing.discard(node.key)
