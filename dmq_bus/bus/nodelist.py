@@ -348,17 +348,25 @@ class NodeList:
         C{sip:ip:port[;transport=x];status=word} line each, every line
         CRLF-terminated (the last one too). Nodes whose host is not an IP
         literal are left out (a 5.6.3 receiver would resolve them by DNS,
-        and a failure locks it up). C{announce} overrides the local node's
+        and a failure locks it up), and so are nodes of the other address
+        family than ours (IPv6 in an IPv4 bus): we cannot reach them from our
+        socket, and a 5.6.3 node that cannot send to one stops its
+        broadcasts at that node. C{announce} overrides the local node's
         status word (C{disabled} when leaving). Built once per change of
         the list.
         """
         if announce is None and self._body is not None:
             return self._body
         lines = []
+        ipv6 = self._local.uri.host.startswith("[")
         for node in reversed(self._nodes.values()):
             if node.local:
                 lines.append(node.line(announce))
-            elif node.status is NodeStatus.ACTIVE and isIPLiteral(node.uri.host):
+            elif (
+                node.status is NodeStatus.ACTIVE
+                and isIPLiteral(node.uri.host)
+                and node.uri.host.startswith("[") == ipv6
+            ):
                 lines.append(node.line())
         body = "".join(f"{line}\r\n" for line in lines).encode("ascii")
         if announce is None:
