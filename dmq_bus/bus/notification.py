@@ -245,8 +245,15 @@ class NotificationPeer:
     def _nodeFailed(self, node: Node, statusAtSend: NodeStatus, covered: bool = False) -> None:
         key = node.key
         if covered:
-            # a dmq-bus node that was active: the health monitor judges it
-            self.health.counters["health.notification_failures_ignored"] += 1
+            # a dmq-bus node that was active: the health monitor judges it.
+            # Our own failed ping is evidence enough to start a suspicion
+            # (confirmed by direct pings, announced to the others): a node
+            # that missed another's announcement must not keep a dead node
+            # listed for ever.
+            self.health.counters["health.notification_failures"] += 1
+            current = self.nodeList.get(key)
+            if current is not None:
+                self.health.suspect(current, announce=True)
             return
         if key in self._seedKeys:
             # unlike Kamailio, gossip may not make it active again: only its own answer
