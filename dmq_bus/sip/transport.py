@@ -44,7 +44,13 @@ from dmq_bus.sip.address import Address, Origin
 from dmq_bus.sip.errors import SIPParseError
 from dmq_bus.sip.message import Headers, Request, canonicalName
 from dmq_bus.sip.parser import findHeaderEnd, parseContentLength, parseHead, parseMessage
-from dmq_bus.sip.uri import Via, splitCommaValues, stripBrackets, viaSentByFast
+from dmq_bus.sip.uri import (
+    Via,
+    findOutsideQuotes,
+    splitCommaValues,
+    stripBrackets,
+    viaSentByFast,
+)
 
 OnError = Callable[[Failure], None]
 """What L{SIPTransportLayer.send} calls when a message could not be sent."""
@@ -256,24 +262,8 @@ def receivedHeaders(headers: Headers, host: str, port: int) -> Headers | None:
 
 def _firstItemEnd(raw: str) -> int:
     """Index of the first comma outside quotes in C{raw}, or its length."""
-    if '"' not in raw:
-        comma = raw.find(",")
-        return len(raw) if comma < 0 else comma
-    inQuote = False
-    i = 0
-    while i < len(raw):
-        c = raw[i]
-        if inQuote:
-            if c == "\\":
-                i += 1
-            elif c == '"':
-                inQuote = False
-        elif c == '"':
-            inQuote = True
-        elif c == ",":
-            return i
-        i += 1
-    return len(raw)
+    comma = findOutsideQuotes(raw, ",")
+    return len(raw) if comma < 0 else comma
 
 
 _CONTENT_LENGTH_NAMES = (b"\ncontent-length", b"\nl")

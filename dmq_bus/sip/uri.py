@@ -100,7 +100,7 @@ def _splitOutsideQuotes(text: str, sep: str) -> Iterator[str]:
     yield text[start:]
 
 
-def _findOutsideQuotes(text: str, char: str) -> int:
+def findOutsideQuotes(text: str, char: str) -> int:
     """The index of the first C{char} not inside a quoted string, or -1."""
     at = text.find(char)
     if at < 0 or '"' not in text[:at]:
@@ -316,7 +316,7 @@ class NameAddr:
     def parse(cls, text: str, offset: int = 0) -> NameAddr:
         """Parse C{["Name"] <uri>;params} or C{uri;params}."""
         text = text.strip()
-        lt = _findOutsideQuotes(text, "<")
+        lt = findOutsideQuotes(text, "<")
         if lt >= 0:
             gt = text.find(">", lt)
             if gt < 0:
