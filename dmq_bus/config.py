@@ -152,6 +152,9 @@ SETTINGS: dict[str, Setting] = {
         Setting(
             "signature-window", Kind.NUMBER, DEFAULT_SIGNATURE_WINDOW, _positive, "a number > 0"
         ),
+        Setting("tls-certificate", Kind.TEXT, None),
+        Setting("tls-key", Kind.TEXT, None),
+        Setting("tls-ca", Kind.TEXT, None),
         Setting("peer", Kind.LIST, []),
         Setting(
             "log-level",

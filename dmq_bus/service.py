@@ -1,12 +1,12 @@
 """
 A dmq-bus node as a Twisted service: the SIP stack, the bus, its peers,
-listening on UDP and TCP at the server address.
+listening on UDP and TCP (or TLS) at the server address.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import attrs
 from twisted.application.service import MultiService
@@ -21,15 +21,22 @@ from dmq_bus.sip.transaction import TimerPolicy, TransactionLayer, TransactionLi
 from dmq_bus.sip.transport import SIPTransportLayer, TransportLimits
 from dmq_bus.sip.uri import stripBrackets
 
+if TYPE_CHECKING:
+    from dmq_bus.sip.tls import TLSContexts
+
 
 @attrs.frozen
 class NodeConfig:
-    """Everything a node needs: the bus settings and the SIP layers' limits."""
+    """
+    Everything a node needs: the bus settings, the SIP layers' limits and,
+    to use C{;transport=tls}, its TLS certificate, key and CA.
+    """
 
     bus: BusConfig
     timers: TimerPolicy = TimerPolicy()
     transactionLimits: TransactionLimits = TransactionLimits()
     transportLimits: TransportLimits = TransportLimits()
+    tls: TLSContexts | None = None
 
 
 class NodeStack:
@@ -43,7 +50,9 @@ class NodeStack:
     ) -> None:
         server = config.bus.serverAddress
         self.config = config
-        self.transport = SIPTransportLayer(None, clock, tcpReactor, limits=config.transportLimits)
+        self.transport = SIPTransportLayer(
+            None, clock, tcpReactor, limits=config.transportLimits, tls=config.tls
+        )
         self.transactions = TransactionLayer(
             self.transport,
             None,
@@ -106,7 +115,9 @@ class NodeStack:
 
 class DMQService(MultiService):
     """
-    A dmq-bus node: listens on UDP and TCP at the server address, joins the
+    A dmq-bus node: listens on UDP and TCP at the server address (UDP and
+    TLS when it has C{;transport=tls}: one port cannot carry both TCP and
+    TLS, and Kamailio takes a tls URI's port as its TLS port), joins the
     bus through the notification addresses, and on stop announces its leave
     before closing. Peers may be registered before or after start.
     """
@@ -135,6 +146,12 @@ class DMQService(MultiService):
         port = server.defaultedPort
         udp = cast(IReactorUDP, self.reactor)
         tcp = cast(IReactorTCP, self.reactor)
+        stream = server.transport == "tls"
+        factory = (  # before listening: refuses tls without TLS settings
+            self.stack.transport.tlsStreamFactory()
+            if stream
+            else self.stack.transport.streamFactory()
+        )
         self._ports.append(
             udp.listenUDP(
                 port,
@@ -143,13 +160,12 @@ class DMQService(MultiService):
                 maxPacketSize=self.config.transportLimits.maxDatagramSize,
             )
         )
-        self._ports.append(
-            tcp.listenTCP(port, cast(Any, self.stack.transport.streamFactory()), interface=host)
-        )
+        self._ports.append(tcp.listenTCP(port, cast(Any, factory), interface=host))
         super().startService()  # type: ignore[no-untyped-call]
         self.log.info(
-            "dmq-bus node {node} listening on udp and tcp; seeds: {seeds}",
+            "dmq-bus node {node} listening on udp and {stream}; seeds: {seeds}",
             node=str(server),
+            stream="tls" if stream else "tcp",
             seeds=", ".join(str(s) for s in self.config.bus.notificationAddresses) or "none",
         )
         self.stack.start()

@@ -94,7 +94,8 @@ class Options(usage.Options):
         _parameter(
             "server-address",
             "s",
-            "This node's own URI, sip:IP:PORT[;transport=tcp]; it listens on UDP and TCP there.",
+            "This node's own URI, sip:IP:PORT[;transport=tcp|tls]; it listens on UDP and TCP "
+            "there (UDP and TLS for tls, which needs --tls-certificate, --tls-key, --tls-ca).",
         ),
         _parameter(
             "notification-channel",
@@ -158,6 +159,18 @@ class Options(usage.Options):
             "signature-window",
             None,
             "Seconds a signed request's time may differ from ours, either way.",
+        ),
+        _parameter(
+            "tls-certificate",
+            None,
+            "This node's certificate, PEM, for ;transport=tls (with --tls-key and --tls-ca); "
+            "its subjectAltName must hold the node's IP address.",
+        ),
+        _parameter("tls-key", None, "The private key of --tls-certificate, PEM, unencrypted."),
+        _parameter(
+            "tls-ca",
+            None,
+            "CA bundle, PEM: TLS peers must present a certificate it verifies (both ways).",
         ),
         _parameter(
             "log-level",
@@ -263,6 +276,7 @@ class Options(usage.Options):
         self["peerSpecs"] = [_splitPeer(origin("peer"), spec, factories) for spec in self["peer"]]
         self["tableSpecs"] = _tableSpecs(origin("htable"), self["htable"])
         self["logLevel"] = LOG_LEVELS[self["log-level"]]
+        self["tlsContexts"] = _tlsContexts(self, origin)
 
 
 def _accessPolicy(options: Options) -> AccessPolicy:
@@ -291,6 +305,47 @@ def _accessPolicy(options: Options) -> AccessPolicy:
         unsignedFrom=networks["unsigned-from"],
         signatureWindow=window,
     )
+
+
+TLS_OPTIONS = ("tls-certificate", "tls-key", "tls-ca")
+
+
+def _tlsContexts(options: Options, origin: Callable[[str], str]) -> Any:
+    """
+    The L{dmq_bus.sip.tls.TLSContexts} of the TLS options, or None when
+    none is given; a usage error when some are missing, a file is bad, or a
+    tls address is used without them.
+    """
+    given = [name for name in TLS_OPTIONS if options[name] is not None]
+    addresses = [options["serverAddress"], *options["notificationAddresses"]]
+    if not given:
+        for address in addresses:
+            if address.transport == "tls":
+                raise usage.UsageError(
+                    f"{address} uses TLS: give --tls-certificate, --tls-key and --tls-ca"
+                )
+        return None
+    missing = [f"--{name}" for name in TLS_OPTIONS if options[name] is None]
+    if missing:
+        raise usage.UsageError(
+            f"{origin(given[0])} needs {' and '.join(missing)} too "
+            "(TLS needs a certificate, its key and the CA bundle)"
+        )
+    try:
+        from dmq_bus.sip.tls import TLSContexts, loadAuthorities, loadNodeCertificate
+    except ImportError as e:
+        raise usage.UsageError(
+            f'TLS needs pyOpenSSL and service_identity: pip install "twisted[tls]" ({e})'
+        ) from None
+    try:
+        certificate = loadNodeCertificate(options["tls-certificate"], options["tls-key"])
+    except ValueError as e:
+        raise usage.UsageError(f"{origin('tls-certificate')}/{origin('tls-key')}: {e}") from None
+    try:
+        authorities = loadAuthorities(options["tls-ca"])
+    except ValueError as e:
+        raise usage.UsageError(f"{origin('tls-ca')}: {e}") from None
+    return TLSContexts(certificate, authorities)
 
 
 def _readConfig(path: str | None) -> ConfigFile | None:
@@ -342,8 +397,11 @@ def _parseAddress(option: str, text: str) -> SIPURI:
         uri = SIPURI.parse(text)
     except SIPParseError as e:
         raise usage.UsageError(f"{option}: not a SIP URI: {text!r} ({e.reason})") from None
-    if uri.transport not in ("udp", "tcp"):
-        raise usage.UsageError(f"{option}: transport {uri.transport!r} is not supported (udp, tcp)")
+    if uri.scheme != "sip" or uri.transport not in ("udp", "tcp", "tls"):
+        raise usage.UsageError(
+            f"{option}: transport {uri.transport!r} of {uri.scheme}: is not supported "
+            "(sip: with udp, tcp or tls)"
+        )
     return uri
 
 
@@ -374,6 +432,7 @@ def makeService(options: Options) -> IService:
             bus=options["busConfig"],
             timers=options["timers"],
             transactionLimits=TransactionLimits(maxClientTransactions=options["max-transactions"]),
+            tls=options["tlsContexts"],
         )
     )
     service.stack.notification.configureHealth(options["healthConfig"])

@@ -21,6 +21,8 @@ from dmq_bus.config import SETTINGS, ConfigError, parseConfig
 from dmq_bus.interfaces import IHashTables
 from dmq_bus.service import DMQService
 
+from .certificates import Authority
+
 EXAMPLE = Path(__file__).parent.parent / "examples" / "dmq.toml"
 
 EVERY_KEY = """\
@@ -49,6 +51,9 @@ known-nodes-only = 1
 secret-file = "SECRET_PATH"
 unsigned-from = ["127.0.0.2/32"]
 signature-window = 30
+tls-certificate = "TLS_CERTIFICATE"
+tls-key = "TLS_KEY"
+tls-ca = "TLS_CA"
 peer = ["echo=probe"]
 log-level = "warn"
 """
@@ -77,7 +82,13 @@ class KeysTests(ConfigTestCase):
     def test_everyKey(self) -> None:
         """A file setting every key configures the node exactly as the same flags would."""
         secret = self.write("a shared secret of more than 16 bytes\n")
-        options = self.parse(EVERY_KEY.replace("SECRET_PATH", secret))
+        tls = Authority.create("config CA").issue(self.mktemp(), "127.0.0.2", "node")
+        options = self.parse(
+            EVERY_KEY.replace("SECRET_PATH", secret)
+            .replace("TLS_CERTIFICATE", tls.certificate)
+            .replace("TLS_KEY", tls.key)
+            .replace("TLS_CA", tls.ca)
+        )
         config: BusConfig = options["busConfig"]
         self.assertEqual(str(config.serverAddress), "sip:127.0.0.2:5070;transport=tcp")
         self.assertEqual(
@@ -102,6 +113,11 @@ class KeysTests(ConfigTestCase):
         self.assertEqual([str(n) for n in access.unsignedFrom], ["127.0.0.2/32"])
         self.assertEqual((access.knownNodesOnly, access.signatureWindow), (True, 30.0))
         self.assertEqual(access.secret, b"a shared secret of more than 16 bytes")
+        self.assertEqual(
+            (options["tls-certificate"], options["tls-key"], options["tls-ca"]),
+            (tls.certificate, tls.key, tls.ca),
+        )
+        self.assertIsNotNone(options["tlsContexts"])
         self.assertEqual(set(parseConfig(EVERY_KEY).values), set(SETTINGS))
 
     def test_defaults(self) -> None:
@@ -249,10 +265,11 @@ class ExampleFileTests(ConfigTestCase):
         lines = []
         for line in text.splitlines():
             match = re.match(r"# ([a-z0-9-]+) = ", line)
-            # secret-file names a file that exists only on a real deployment,
-            # and unsigned-from needs it
+            # secret-file and tls-* name files that exist only on a real
+            # deployment, and unsigned-from needs secret-file
             on = match is not None and match[1] in SETTINGS
             on = on and match is not None and match[1] not in ("secret-file", "unsigned-from")
+            on = on and match is not None and not match[1].startswith("tls-")
             lines.append(line[2:] if on else line)
         options = self.parse("\n".join(lines) + "\n")
         self.assertEqual(options["busConfig"].pingInterval, 5.0)

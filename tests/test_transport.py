@@ -632,14 +632,14 @@ class DatagramSendTests(SynchronousTestCase):
         self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
 
     def test_tlsSendFails(self) -> None:
-        """Sending over TLS fails through C{onError} with a clear message."""
+        """Sending over TLS without TLS settings fails through C{onError} with a clear message."""
         layer, _, _ = udpLayer()
         errors: list[Failure] = []
         layer.send(KDMQ_UDP, Address("tls", "127.0.0.1", 5061), errors.append)
         [error] = errors
         self.assertTrue(error.check(UnsupportedTransport))
         self.assertTrue(error.check(NotImplementedError))
-        self.assertEqual(error.getErrorMessage(), "TLS transport not supported yet")
+        self.assertEqual(error.getErrorMessage(), "TLS not configured (no certificate, key and CA)")
 
     def test_unknownTransportFails(self) -> None:
         """An unknown transport name fails through C{onError}."""

@@ -14,7 +14,7 @@ import errno
 import socket
 from collections import Counter
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 from twisted.internet import udp
@@ -25,6 +25,8 @@ from twisted.internet.interfaces import (
     IAddress,
     IConnector,
     IDelayedCall,
+    IHandshakeListener,
+    IProtocolFactory,
     IReactorTCP,
     IReactorTime,
 )
@@ -51,6 +53,9 @@ from dmq_bus.sip.uri import (
     stripBrackets,
     viaSentByFast,
 )
+
+if TYPE_CHECKING:
+    from dmq_bus.sip.tls import TLSContexts
 
 OnError = Callable[[Failure], None]
 """What L{SIPTransportLayer.send} calls when a message could not be sent."""
@@ -117,9 +122,10 @@ class TransportLimits:
 
     connectTimeout: float = attrs.field(default=10.0, validator=_positive)
     """
-    Seconds an outgoing TCP connection may take to be established; after
-    that every message queued for it fails (C{onError}), counted as
-    C{tcp.connect_failed}.
+    Seconds an outgoing TCP connection may take to be established, and
+    then (for TLS) again for its handshake; after that every message queued
+    for it fails (C{onError}), counted as C{tcp.connect_failed} (and
+    C{tls.handshake_failed}).
     """
 
     udpSocketBuffer: int = attrs.field(default=4 * 1024 * 1024, validator=_positive)
@@ -150,7 +156,7 @@ class ConnectionLimitReached(TransportError):
 
 
 class UnsupportedTransport(TransportError, NotImplementedError):
-    """The destination's transport (TLS, for now) cannot be used."""
+    """The destination's transport cannot be used (TLS without TLS settings)."""
 
 
 class TransportNotReady(TransportError):
@@ -359,7 +365,10 @@ class SIPTransportLayer:
         C{tcp.connect_failed}, C{tcp.idle_closed}, C{keepalives} (CRLF
         keep-alives in and pings answered), C{oversize}, C{send_errors}
         (every message that could not be sent, whatever the reason),
-        C{receiver_errors}, C{dropped_no_receiver}; C{udp.send_buffer_full}
+        C{receiver_errors}, C{dropped_no_receiver}; C{tls.handshake_failed}
+        (an outgoing TLS connection whose handshake failed: its queued
+        messages fail; TLS connections otherwise count as C{tcp.*});
+        C{udp.send_buffer_full}
         (a datagram not sent because the socket's send buffer was full, also
         a send error) and C{udp.send_refused} (the kernel reported an
         earlier datagram refused; the datagram counts as sent, as Twisted
@@ -374,14 +383,16 @@ class SIPTransportLayer:
         clock: IReactorTime,
         tcpReactor: IReactorTCP | None = None,
         limits: TransportLimits = DEFAULT_LIMITS,
+        tls: TLSContexts | None = None,
     ) -> None:
         self.receiver = receiver
+        self.tls = tls
         self.clock = clock
         self.tcpReactor = tcpReactor
         self.limits = limits
         self.counters: Counter[str] = Counter()
         self._udp = SIPDatagramProtocol(self)
-        self._streamFactory = _InboundFactory(self)
+        self._streamFactory = _InboundFactory(self, "tcp")
         self._udpOrigins: dict[Any, Origin] = {}
         self._streams: set[SIPStreamProtocol] = set()
         self._byAddress: dict[Address, SIPStreamProtocol] = {}
@@ -402,6 +413,18 @@ class SIPTransportLayer:
     def streamFactory(self) -> ServerFactory[SIPStreamProtocol]:
         """The factory to pass to C{reactor.listenTCP}."""
         return self._streamFactory
+
+    def tlsStreamFactory(self) -> IProtocolFactory:
+        """
+        The factory to pass to C{reactor.listenTCP} to accept TLS
+        connections (peers must present a certificate the CA bundle
+        verifies).
+
+        @raise UnsupportedTransport: the layer has no TLS settings.
+        """
+        if self.tls is None:
+            raise UnsupportedTransport("TLS not configured (no certificate, key and CA)")
+        return self.tls.serverFactory(_InboundFactory(self, "tls"))
 
     def stop(self) -> Deferred[None]:
         """
@@ -434,7 +457,8 @@ class SIPTransportLayer:
         """
         Send one serialized message to C{destination}: a datagram from our
         UDP socket, or over the one TCP connection kept per destination
-        (opened on first use; messages wait while it connects). C{onError}
+        (opened on first use; messages wait while it connects, and for TLS
+        until the handshake has verified the peer). C{onError}
         is called at most once, at once or later, when it could not be
         sent; without one the failure is logged. Never raises.
         """
@@ -444,9 +468,14 @@ class SIPTransportLayer:
         elif transport == "tcp":
             self._sendStream(data, destination, onError)
         elif transport == "tls":
-            self._sendFailed(
-                onError, UnsupportedTransport("TLS transport not supported yet"), destination
-            )
+            if self.tls is None:
+                self._sendFailed(
+                    onError,
+                    UnsupportedTransport("TLS not configured (no certificate, key and CA)"),
+                    destination,
+                )
+            else:
+                self._sendStream(data, destination, onError)
         else:
             self._sendFailed(
                 onError,
@@ -584,8 +613,11 @@ class SIPTransportLayer:
         pending = _Connecting(factory, [(data, onError)])
         self._connecting[destination] = pending
         try:
+            wire: Any = factory
+            if destination.transport == "tls" and self.tls is not None:
+                wire = self.tls.clientFactory(destination, factory)
             pending.connector = self.tcpReactor.connectTCP(
-                destination.host, destination.port, factory, timeout=self.limits.connectTimeout
+                destination.host, destination.port, wire, timeout=self.limits.connectTimeout
             )
         except Exception:
             self._connectFailed(destination, factory, _failure())
@@ -619,17 +651,33 @@ class SIPTransportLayer:
         for _, onError in pending.queue:
             self._sendFailed(onError, reason, address)
 
+    def _handshakeFailed(self, stream: SIPTLSStreamProtocol, reason: Failure) -> None:
+        """An outgoing TLS connection closed before its handshake completed."""
+        self.counters["tls.handshake_failed"] += 1
+        self.log.warn(
+            "TLS handshake with {destination} failed: {error}",
+            destination=str(stream.address),
+            error=reason.getErrorMessage(),
+        )
+        if isinstance(stream.factory, _OutboundFactory):
+            self._connectFailed(stream.address, stream.factory, reason)
+
     def _connectionCount(self) -> int:
         return len(self._streams) + len(self._connecting)
 
     # -- connections
 
-    def _acceptConnection(self, addr: IAddress | None) -> SIPStreamProtocol | None:
-        """The protocol for a new inbound connection, or None to close it."""
+    def _acceptConnection(
+        self, addr: IAddress | None, transport: str = "tcp"
+    ) -> SIPStreamProtocol | None:
+        """
+        The protocol for a new inbound C{transport} (C{"tcp"} or C{"tls"})
+        connection, or None to close it.
+        """
         if isinstance(addr, (IPv4Address, IPv6Address)):
-            address = Address("tcp", addr.host, addr.port)
+            address = Address(transport, addr.host, addr.port)
         else:
-            address = Address("tcp", str(addr), 0)
+            address = Address(transport, str(addr), 0)
         if self._stopped:
             return None
         if self._connectionCount() >= self.limits.maxConnections:
@@ -643,6 +691,8 @@ class SIPTransportLayer:
                 )
             return None
         self._refusingLogged = False
+        if transport == "tls":
+            return SIPTLSStreamProtocol(self, address, outbound=False)
         return SIPStreamProtocol(self, address, outbound=False)
 
     def _streamOpened(self, stream: SIPStreamProtocol) -> None:
@@ -1077,17 +1127,74 @@ class SIPStreamProtocol(Protocol):
             timer.cancel()
 
 
+@implementer(IHandshakeListener)
+class SIPTLSStreamProtocol(SIPStreamProtocol):
+    """
+    A L{SIPStreamProtocol} inside TLS. An outbound one counts as open (and
+    its queued messages are written) only once the handshake has verified
+    the peer; if the connection closes before that, the queued messages
+    fail with the handshake's error. An inbound one is open at once: what
+    arrives is delivered only after the handshake anyway.
+    """
+
+    _handshakeTimer: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        """
+        Open an inbound connection; an outbound one waits for the handshake,
+        at most L{TransportLimits.connectTimeout} seconds (then it is
+        aborted and its queued messages fail).
+        """
+        if not self.outbound:
+            super().connectionMade()
+            return
+        layer = self._layer
+        self._handshakeTimer = layer.clock.callLater(
+            layer.limits.connectTimeout, self._handshakeTimedOut
+        )
+
+    def _handshakeTimedOut(self) -> None:
+        self._handshakeTimer = None
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def handshakeCompleted(self) -> None:
+        """The peer is verified: an outbound connection is now open."""
+        timer, self._handshakeTimer = self._handshakeTimer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+        if not self.outbound or self._open:
+            return
+        if self._layer._stopped:
+            if self.transport is not None:
+                self.transport.loseConnection()
+            return
+        super().connectionMade()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        """Unregister; before the handshake of an outbound one, fail its queue."""
+        if self.outbound and self not in self._layer._streams:
+            timer, self._handshakeTimer = self._handshakeTimer, None
+            if timer is not None and timer.active():
+                timer.cancel()
+            if not self._layer._stopped:
+                self._layer._handshakeFailed(self, reason)
+            return
+        super().connectionLost(reason)
+
+
 class _InboundFactory(ServerFactory[SIPStreamProtocol]):
     """Builds the protocol of each accepted connection, or refuses it."""
 
     noisy = False
 
-    def __init__(self, layer: SIPTransportLayer) -> None:
+    def __init__(self, layer: SIPTransportLayer, transport: str) -> None:
         self._layer = layer
+        self._transport = transport
 
     def buildProtocol(self, addr: IAddress | None) -> SIPStreamProtocol | None:
         """The protocol for a connection from C{addr}, None to close it at once."""
-        return self._layer._acceptConnection(addr)
+        return self._layer._acceptConnection(addr, self._transport)
 
 
 class _OutboundFactory(ClientFactory[SIPStreamProtocol]):
@@ -1104,7 +1211,13 @@ class _OutboundFactory(ClientFactory[SIPStreamProtocol]):
         """The protocol of the connection, None when it was abandoned meanwhile."""
         if self.abandoned:
             return None
-        return SIPStreamProtocol(self._layer, self.address, outbound=True)
+        protocol: SIPStreamProtocol
+        if self.address.transport == "tls":
+            protocol = SIPTLSStreamProtocol(self._layer, self.address, outbound=True)
+        else:
+            protocol = SIPStreamProtocol(self._layer, self.address, outbound=True)
+        protocol.factory = self
+        return protocol
 
     def clientConnectionFailed(self, connector: IConnector, reason: Failure) -> None:
         """Fail the messages queued for the connection."""

@@ -1,0 +1,264 @@
+"""
+The TLS transport (C{;transport=tls}) on real sockets of 127.0.0.1, with a
+throw-away CA: nodes that share a CA join and talk; a node whose
+certificate comes from another CA gets nothing through; the TLS options
+refuse what cannot work with a clear message.
+"""
+
+# Twisted's assert* methods carry no annotations: calling them is fine here.
+# mypy: disallow-untyped-calls=False
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, cast
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.error import ConnectionLost
+from twisted.internet.protocol import Factory, Protocol
+from twisted.python import usage
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from dmq_bus import tap
+from dmq_bus.bus.dispatch import BusConfig
+from dmq_bus.bus.values import DeliveryFailed, Node
+from dmq_bus.peers.echo import EchoPeer
+from dmq_bus.service import DMQService, NodeConfig
+from dmq_bus.sip.address import Address
+from dmq_bus.sip.tls import TLSContexts
+from dmq_bus.sip.transport import SIPTransportLayer, TransportLimits
+from dmq_bus.sip.uri import SIPURI
+
+from .certificates import Authority, NodeFiles
+from .interop.kamailio import allocatePorts, waitFor
+
+PING = (
+    b"KDMQ sip:notification_peer@127.0.0.1 SIP/2.0\r\n"
+    b"Via: SIP/2.0/TLS 127.0.0.1:5061;branch=z9hG4bK-tls-test\r\n"
+    b"From: <sip:127.0.0.1:5061>;tag=a\r\nTo: <sip:notification_peer@127.0.0.1>\r\n"
+    b"Call-ID: tls-test\r\nCSeq: 1 KDMQ\r\nMax-Forwards: 1\r\nContent-Length: 0\r\n\r\n"
+)
+
+
+def contexts(files: NodeFiles) -> TLSContexts:
+    return TLSContexts.fromFiles(files.certificate, files.key, files.ca)
+
+
+class TLSNodesTests(TestCase):
+    """Nodes advertising C{;transport=tls} on real sockets."""
+
+    timeout = 30
+
+    def setUp(self) -> None:
+        self.authority = Authority.create("bus CA")
+        self.directory = self.mktemp()
+
+    def service(self, port: int, files: NodeFiles, seed: int | None = None) -> DMQService:
+        suffix = ";transport=tls"
+        config = BusConfig(
+            serverAddress=SIPURI.parse(f"sip:127.0.0.1:{port}{suffix}"),
+            notificationAddresses=(SIPURI.parse(f"sip:127.0.0.1:{seed}{suffix}"),) if seed else (),
+            pingInterval=1.0,
+            pingTimeout=1.0,
+            requestTimeout=3.0,
+        )
+        service = DMQService(NodeConfig(bus=config, tls=contexts(files)), reactor)
+        service.startService()
+        self.addCleanup(lambda: service.running and service.stopService())
+        return service
+
+    @staticmethod
+    def status(service: DMQService, port: int) -> str | None:
+        for node in service.bus.nodes():
+            if node.uri.port == port:
+                return node.status.word
+        return None
+
+    @inlineCallbacks
+    def test_joinAndEcho(self) -> Any:
+        """
+        Two nodes with certificates of the same CA join each other over TLS
+        and carry a 60,000-byte message to an echo peer and back.
+        """
+        a, b = allocatePorts(2)
+        seed = self.service(a, self.authority.issue(self.directory, "127.0.0.1", "a"))
+        joiner = self.service(b, self.authority.issue(self.directory, "127.0.0.1", "b"), a)
+        joiner.bus.registerPeer(EchoPeer())
+        yield waitFor(
+            lambda: self.status(seed, b) == "active" and self.status(joiner, a) == "active", 5
+        )
+        target = seed.bus.findNode(str(joiner.bus.localNode.uri))
+        assert target is not None
+        self.assertEqual(target.transport, "tls")
+        delivery = yield seed.bus.send("echo", target, b"x" * 60_000, "application/octet-stream")
+        self.assertEqual((delivery.code, len(delivery.body)), (200, 60_000))
+        self.assertEqual(seed.stack.transport.counters["tls.handshake_failed"], 0)
+        self.assertEqual(joiner.stack.transport.counters["tls.handshake_failed"], 0)
+
+    @inlineCallbacks
+    def test_otherAuthorityRefused(self) -> Any:
+        """
+        A node whose certificate (and trust) come from another CA cannot
+        reach a node of the bus: its request fails with L{DeliveryFailed}
+        as soon as the handshake fails, and nothing reaches the other node.
+        """
+        a, b = allocatePorts(2)
+        good = self.service(a, self.authority.issue(self.directory, "127.0.0.1", "good"))
+        stranger = Authority.create("other CA").issue(self.directory, "127.0.0.1", "stranger")
+        bad = self.service(b, stranger)
+        node = Node.fromURI(SIPURI.parse(f"sip:127.0.0.1:{a};transport=tls"))
+        started = reactor.seconds()
+        failure = yield self.assertFailure(
+            bad.bus.send("echo", node, b"x", "text/plain"), DeliveryFailed
+        )
+        self.assertEqual(failure.code, 408)
+        self.assertLess(reactor.seconds() - started, 2.0)  # not the 3 s request timeout
+        self.assertEqual(bad.stack.transport.counters["tls.handshake_failed"], 1)
+        yield waitFor(lambda: good.stack.transport.counters["tcp.connections_closed"] >= 1, 5)
+        self.assertEqual(good.stack.transport.counters["tcp.received"], 0)
+        self.assertIsNone(self.status(good, b))
+
+    @inlineCallbacks
+    def test_clientCertificateRequired(self) -> Any:
+        """
+        A client that trusts the bus's CA but presents a certificate of
+        another CA is refused by the listening node: nothing it sends is
+        received there.
+        """
+        (a,) = allocatePorts(1)
+        good = self.service(a, self.authority.issue(self.directory, "127.0.0.1", "good"))
+        stranger = Authority.create("other CA").issue(self.directory, "127.0.0.1", "stranger")
+        busCA = self.authority.issue(self.directory, "127.0.0.1", "any")
+        mixed = TLSContexts.fromFiles(stranger.certificate, stranger.key, busCA.ca)
+        layer = SIPTransportLayer(None, reactor, reactor, tls=mixed)
+        self.addCleanup(layer.stop)
+        errors: list[Failure] = []
+        layer.send(PING, Address("tls", "127.0.0.1", a), errors.append)
+        yield waitFor(lambda: good.stack.transport.counters["tcp.connections_closed"] >= 1, 5)
+        yield waitFor(lambda: not layer._streams and not layer._connecting, 5)
+        self.assertEqual(good.stack.transport.counters["tcp.received"], 0)
+        self.assertEqual(good.stack.transport.counters["dropped_no_receiver"], 0)
+
+    @inlineCallbacks
+    def test_wrongAddressRefused(self) -> Any:
+        """
+        A certificate of the right CA that names another IP address is
+        refused by the node connecting to it: the send fails at once.
+        """
+        (a,) = allocatePorts(1)
+        self.service(a, self.authority.issue(self.directory, "127.0.0.2", "elsewhere"))
+        client = contexts(self.authority.issue(self.directory, "127.0.0.1", "client"))
+        layer = SIPTransportLayer(None, reactor, reactor, tls=client)
+        self.addCleanup(layer.stop)
+        failed: Deferred[list[Failure]] = Deferred()
+        layer.send(PING, Address("tls", "127.0.0.1", a), lambda f: failed.callback([f]))
+        [reason] = yield failed
+        self.assertIn("IPAddressMismatch", repr(reason.value))
+        self.assertEqual(layer.counters["tls.handshake_failed"], 1)
+
+    @inlineCallbacks
+    def test_handshakeTimeout(self) -> Any:
+        """
+        A peer that accepts the connection but never answers the handshake
+        fails the queued message after the connect timeout.
+        """
+        silent = cast(Any, reactor).listenTCP(
+            0, Factory.forProtocol(Protocol), interface="127.0.0.1"
+        )
+        self.addCleanup(silent.stopListening)
+        client = contexts(self.authority.issue(self.directory, "127.0.0.1", "client"))
+        layer = SIPTransportLayer(
+            None, reactor, reactor, limits=TransportLimits(connectTimeout=0.2), tls=client
+        )
+        self.addCleanup(layer.stop)
+        failed: Deferred[list[Failure]] = Deferred()
+        port = silent.getHost().port
+        started = reactor.seconds()
+        layer.send(PING, Address("tls", "127.0.0.1", port), lambda f: failed.callback([f]))
+        [reason] = yield failed
+        self.assertTrue(reason.check(ConnectionLost), reason)
+        self.assertGreaterEqual(reactor.seconds() - started, 0.2)
+        self.assertEqual(
+            (layer.counters["tls.handshake_failed"], layer.counters["tcp.connect_failed"]), (1, 1)
+        )
+
+
+class TLSOptionsTests(SynchronousTestCase):
+    """The TLS options refuse, with a clear usage error, what cannot work."""
+
+    def setUp(self) -> None:
+        self.files = Authority.create("options CA").issue(self.mktemp(), "127.0.0.1", "node")
+
+    def refused(self, *args: str) -> str:
+        with self.assertRaises(usage.UsageError) as caught:
+            tap.Options().parseOptions(list(args))
+        return str(caught.exception)
+
+    def test_allThree(self) -> None:
+        """With certificate, key and CA a tls server address gives a node listening for TLS."""
+        options = tap.Options()
+        options.parseOptions([
+            "--server-address", "sip:127.0.0.1:5061;transport=tls",
+            "--tls-certificate", self.files.certificate,
+            "--tls-key", self.files.key,
+            "--tls-ca", self.files.ca,
+        ])  # fmt: skip
+        service = tap.makeService(options)
+        assert isinstance(service, DMQService)
+        self.assertIsInstance(service.config.tls, TLSContexts)
+
+    def test_missingKeyFile(self) -> None:
+        """A key file that does not exist is named in the error."""
+        missing = str(Path(self.mktemp()) / "node.key")
+        error = self.refused(
+            "--tls-certificate", self.files.certificate,
+            "--tls-key", missing,
+            "--tls-ca", self.files.ca,
+        )  # fmt: skip
+        self.assertIn(f"cannot read the key {missing!r}", error)
+
+    def test_missingCertificateFile(self) -> None:
+        """A certificate file that does not exist is named in the error."""
+        missing = str(Path(self.mktemp()) / "node.pem")
+        error = self.refused(
+            "--tls-certificate", missing, "--tls-key", self.files.key, "--tls-ca", self.files.ca
+        )
+        self.assertIn(f"cannot read the certificate {missing!r}", error)
+
+    def test_notPEM(self) -> None:
+        """A CA bundle holding no certificate is refused, naming the file."""
+        empty = self.mktemp()
+        Path(empty).write_text("nothing here\n")
+        error = self.refused(
+            "--tls-certificate", self.files.certificate, "--tls-key", self.files.key,
+            "--tls-ca", empty,
+        )  # fmt: skip
+        self.assertIn(f"--tls-ca: no PEM certificate in the CA bundle {empty!r}", error)
+
+    def test_keyOfAnotherCertificate(self) -> None:
+        """A key that is not the certificate's is refused."""
+        other = Authority.create("options CA").issue(self.mktemp(), "127.0.0.1", "other")
+        error = self.refused(
+            "--tls-certificate", self.files.certificate, "--tls-key", other.key,
+            "--tls-ca", self.files.ca,
+        )  # fmt: skip
+        self.assertIn("is not the key of", error)
+
+    def test_incomplete(self) -> None:
+        """A certificate alone is refused, naming the options missing."""
+        error = self.refused("--tls-certificate", self.files.certificate)
+        self.assertIn("--tls-certificate needs --tls-key and --tls-ca too", error)
+
+    def test_tlsAddressWithoutSettings(self) -> None:
+        """A tls server or seed address without the TLS options is refused."""
+        error = self.refused("--server-address", "sip:127.0.0.1:5061;transport=tls")
+        self.assertIn("uses TLS: give --tls-certificate, --tls-key and --tls-ca", error)
+        error = self.refused("--notification-address", "sip:127.0.0.9:5061;transport=tls")
+        self.assertIn("sip:127.0.0.9:5061;transport=tls uses TLS", error)
+
+    def test_sipsRefused(self) -> None:
+        """sips: URIs stay out of scope and are refused."""
+        error = self.refused("--server-address", "sips:127.0.0.1:5061")
+        self.assertIn("is not supported", error)
