@@ -59,6 +59,7 @@ from dmq_bus.interfaces import (
     IHashTable,
     IHashTables,
 )
+from dmq_bus.peers.srjson import readJSON
 
 CHANNEL = "htable"
 """The DMQ channel (Kamailio's htable peer id)."""
@@ -407,7 +408,6 @@ class SyncCells:
 
 
 _DECODER = json.JSONDecoder(strict=False)
-_JSON_SPACE = "".join(chr(c) for c in range(33))
 
 
 def _cleanString(text: str) -> str:
@@ -450,16 +450,10 @@ def _typedValue(obj: dict[str, Any]) -> Value | None:
 
 
 def _parseJSON(body: bytes) -> object:
-    if not body:
-        raise MalformedMessage("empty body")
-    text = body.decode("utf-8", "surrogateescape")
-    start = len(text) - len(text.lstrip(_JSON_SPACE))
     try:
-        # trailing bytes are ignored, as Kamailio's parser ignores them
-        value, _ = _DECODER.raw_decode(text, start)
-    except (ValueError, RecursionError) as e:
-        raise MalformedMessage(f"unparsable JSON: {e}") from None
-    return value
+        return readJSON(body, _DECODER)
+    except ValueError as e:
+        raise MalformedMessage(str(e)) from None
 
 
 def _decodeCell(item: object) -> Cell | None:

@@ -84,6 +84,7 @@ from zope.interface import implementer
 
 from dmq_bus.bus.values import DMQMessage, PeerResponse
 from dmq_bus.interfaces import IDMQBus, IDMQPeer, IDMQPeerFactory, IObservedChannel
+from dmq_bus.peers.srjson import readJSON
 
 CONTENT_TYPE = "application/json"
 """The content type 5.6.3 sends on these channels (never checked on receipt)."""
@@ -411,7 +412,6 @@ def _noConstant(name: str) -> object:
 
 
 _DECODER = json.JSONDecoder(strict=False, object_pairs_hook=_Object, parse_constant=_noConstant)
-_JSON_SPACE = "".join(chr(c) for c in range(33))
 
 
 def _parse(body: bytes) -> object:
@@ -422,15 +422,10 @@ def _parse(body: bytes) -> object:
     nul = body.find(b"\x00")
     if nul >= 0:
         body = body[:nul]
-    if not body:
-        raise _BadRequest("empty body")
-    text = body.decode("utf-8", "surrogateescape")
-    start = len(text) - len(text.lstrip(_JSON_SPACE))
     try:
-        value, _ = _DECODER.raw_decode(text, start)
-    except (ValueError, RecursionError) as e:
-        raise _BadRequest(f"unparsable JSON: {e}") from None
-    return value
+        return readJSON(body, _DECODER)
+    except ValueError as e:
+        raise _BadRequest(str(e)) from None
 
 
 def _clean(text: str) -> str:
