@@ -45,7 +45,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
-from typing import TypeAlias, TypedDict
+from typing import Any, TypeAlias, TypedDict
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -67,6 +67,7 @@ __all__ = [
     "releasePorts",
     "waitFor",
     "waitUntil",
+    "bothActive",
 ]
 
 #: The node config shipped with the project (all per-node values are -A defines).
@@ -882,3 +883,17 @@ def waitUntil(
         if time.monotonic() >= deadline:
             raise WaitTimeout(f"{what}: still false after {timeout:g} s")
         time.sleep(interval)
+
+
+def bothActive(service: Any, node: KamailioNode) -> bool:
+    """
+    Whether the dmq-bus C{service} (a L{dmq_bus.service.DMQService}) lists
+    Kamailio C{node} active, and C{node} lists the service active.
+    """
+    ours = service.config.bus.serverAddress.defaultedPort
+    theirs = [n for n in service.bus.nodes() if n.uri.port == node.port]
+    return (
+        bool(theirs)
+        and theirs[0].status.word == "active"
+        and node.nodeStatuses().get(ours) == "active"
+    )

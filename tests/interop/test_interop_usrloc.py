@@ -41,7 +41,14 @@ from dmq_bus.sip.parser import parseMessage
 from dmq_bus.sip.uri import SIPURI
 
 from . import kamailio as harness
-from .kamailio import SKIP_REASON, KamailioNode, allocatePorts, kamailioAvailable, waitFor
+from .kamailio import (
+    SKIP_REASON,
+    KamailioNode,
+    allocatePorts,
+    bothActive,
+    kamailioAvailable,
+    waitFor,
+)
 
 log = Logger()
 
@@ -179,23 +186,13 @@ class UsrlocInteropTests(TestCase):
         self.addCleanup(lambda: service.running and service.stopService())
         return service, observer, seen
 
-    @staticmethod
-    def joined(service: DMQService, node: KamailioNode) -> bool:
-        ours = service.config.bus.serverAddress.defaultedPort
-        theirs = [n for n in service.bus.nodes() if n.uri.port == node.port]
-        return (
-            bool(theirs)
-            and theirs[0].status.word == "active"
-            and node.nodeStatuses().get(ours) == "active"
-        )
-
     @inlineCallbacks
     def joinedPair(self) -> Any:
         """A Kamailio node and a dmq-bus node seeded with it, both active."""
         k, ours = self.ports
         node = self.kamailio(k)
         service, observer, seen = self.dmqBus(ours, k)
-        yield waitFor(lambda: self.joined(service, node), 15)
+        yield waitFor(lambda: bothActive(service, node), 15)
         return node, service, observer, seen
 
     @staticmethod
