@@ -13,9 +13,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, cast
 
+from OpenSSL import SSL
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.error import ConnectionLost
+from twisted.internet.error import ConnectionDone, ConnectionLost
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python import usage
 from twisted.python.failure import Failure
@@ -28,7 +29,7 @@ from dmq_bus.peers.echo import EchoPeer
 from dmq_bus.service import DMQService, NodeConfig
 from dmq_bus.sip.address import Address
 from dmq_bus.sip.tls import TLSContexts
-from dmq_bus.sip.transport import SIPTransportLayer, TransportLimits
+from dmq_bus.sip.transport import SIPTransportLayer, TLSRefused, TransportLimits
 from dmq_bus.sip.uri import SIPURI
 
 from .certificates import Authority, NodeFiles
@@ -94,8 +95,11 @@ class TLSNodesTests(TestCase):
         self.assertEqual(target.transport, "tls")
         delivery = yield seed.bus.send("echo", target, b"x" * 60_000, "application/octet-stream")
         self.assertEqual((delivery.code, len(delivery.body)), (200, 60_000))
-        self.assertEqual(seed.stack.transport.counters["tls.handshake_failed"], 0)
-        self.assertEqual(joiner.stack.transport.counters["tls.handshake_failed"], 0)
+        for service in (seed, joiner):
+            counters = service.stack.transport.counters
+            self.assertEqual(counters["tls.handshake_failed"], 0)
+            self.assertEqual(counters["tls.refused_by_peer"], 0)
+            self.assertEqual(counters["tls.inbound_failed"], 0)
 
     @inlineCallbacks
     def test_otherAuthorityRefused(self) -> Any:
@@ -125,21 +129,58 @@ class TLSNodesTests(TestCase):
         """
         A client that trusts the bus's CA but presents a certificate of
         another CA is refused by the listening node: nothing it sends is
-        received there.
+        received there, and the listening node counts the failed handshake.
+        With TLS 1.3 the client's side of the handshake completes first;
+        the server's alert then fails the message at once with
+        L{TLSRefused}, naming the alert.
         """
         (a,) = allocatePorts(1)
         good = self.service(a, self.authority.issue(self.directory, "127.0.0.1", "good"))
+        layer = SIPTransportLayer(None, reactor, reactor, tls=contexts(self.strangerTrustingBus()))
+        self.addCleanup(layer.stop)
+        failed: Deferred[list[Failure]] = Deferred()
+        layer.send(PING, Address("tls", "127.0.0.1", a), lambda f: failed.callback([f]))
+        [reason] = yield failed
+        self.assertTrue(reason.check(TLSRefused), reason)
+        self.assertIn("alert", reason.getErrorMessage())
+        self.assertIn("does it trust our certificate?", reason.getErrorMessage())
+        self.assertEqual(
+            (layer.counters["tls.refused_by_peer"], layer.counters["tls.handshake_failed"]), (1, 0)
+        )
+        server = good.stack.transport.counters
+        yield waitFor(lambda: server["tcp.connections_closed"] >= 1, 5)
+        yield waitFor(lambda: not layer._streams and not layer._connecting, 5)
+        self.assertEqual(server["tcp.received"], 0)
+        self.assertEqual(server["dropped_no_receiver"], 0)
+        self.assertEqual(server["tls.inbound_failed"], 1)
+
+    @inlineCallbacks
+    def test_refusedClientFailsFast(self) -> Any:
+        """
+        A node whose certificate the other node does not trust (while it
+        trusts the other's) gets L{DeliveryFailed} as soon as the alert
+        arrives, well before the request timeout (3 s here, 32 s by
+        default), and is never listed by the other node.
+        """
+        a, b = allocatePorts(2)
+        good = self.service(a, self.authority.issue(self.directory, "127.0.0.1", "good"))
+        refused = self.service(b, self.strangerTrustingBus())
+        node = Node.fromURI(SIPURI.parse(f"sip:127.0.0.1:{a};transport=tls"))
+        started = reactor.seconds()
+        failure = yield self.assertFailure(
+            refused.bus.send("echo", node, b"x", "text/plain"), DeliveryFailed
+        )
+        self.assertLess(reactor.seconds() - started, 2.0)
+        self.assertEqual(failure.code, 408)
+        self.assertEqual(refused.stack.transport.counters["tls.refused_by_peer"], 1)
+        self.assertEqual(refused.stack.transactions.counters["client.timeouts"], 0)
+        self.assertIsNone(self.status(good, b))
+
+    def strangerTrustingBus(self) -> NodeFiles:
+        """A certificate of another CA, with the bus's CA as the trusted bundle."""
         stranger = Authority.create("other CA").issue(self.directory, "127.0.0.1", "stranger")
         busCA = self.authority.issue(self.directory, "127.0.0.1", "any")
-        mixed = TLSContexts.fromFiles(stranger.certificate, stranger.key, busCA.ca)
-        layer = SIPTransportLayer(None, reactor, reactor, tls=mixed)
-        self.addCleanup(layer.stop)
-        errors: list[Failure] = []
-        layer.send(PING, Address("tls", "127.0.0.1", a), errors.append)
-        yield waitFor(lambda: good.stack.transport.counters["tcp.connections_closed"] >= 1, 5)
-        yield waitFor(lambda: not layer._streams and not layer._connecting, 5)
-        self.assertEqual(good.stack.transport.counters["tcp.received"], 0)
-        self.assertEqual(good.stack.transport.counters["dropped_no_receiver"], 0)
+        return NodeFiles(stranger.certificate, stranger.key, busCA.ca)
 
     @inlineCallbacks
     def test_wrongAddressRefused(self) -> Any:
@@ -183,6 +224,26 @@ class TLSNodesTests(TestCase):
         self.assertEqual(
             (layer.counters["tls.handshake_failed"], layer.counters["tcp.connect_failed"]), (1, 1)
         )
+
+
+class TLSErrorTextTests(SynchronousTestCase):
+    """L{TLSContexts.errorText} tells TLS errors from other connection losses."""
+
+    def test_alert(self) -> None:
+        """An OpenSSL error gives its reasons."""
+        error = SSL.Error([("SSL routines", "", "tlsv1 alert unknown ca")])
+        self.assertEqual(TLSContexts.errorText(Failure(error)), "tlsv1 alert unknown ca")
+
+    def test_severalReasons(self) -> None:
+        """Several reasons are joined; an error without any gives its text."""
+        error = SSL.Error([("a", "f", "one"), ("b", "g", "two")])
+        self.assertEqual(TLSContexts.errorText(Failure(error)), "one; two")
+        self.assertEqual(TLSContexts.errorText(Failure(SSL.Error("bare"))), "bare")
+
+    def test_notTLS(self) -> None:
+        """A closed or lost connection is no TLS error."""
+        self.assertIsNone(TLSContexts.errorText(Failure(ConnectionDone())))
+        self.assertIsNone(TLSContexts.errorText(Failure(ConnectionLost())))
 
 
 class TLSOptionsTests(SynchronousTestCase):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from OpenSSL import crypto
+from OpenSSL import SSL, crypto
 from twisted.internet.error import VerifyError
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.internet.protocol import Factory
@@ -29,6 +29,7 @@ from twisted.internet.ssl import (
     trustRootFromCertificates,
 )
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+from twisted.python.failure import Failure
 
 from dmq_bus.sip.address import Address
 
@@ -85,6 +86,18 @@ def loadNodeCertificate(certificatePath: str, keyPath: str) -> PrivateCertificat
     return node
 
 
+def describeTLSError(error: BaseException) -> str:
+    """
+    The reasons in an C{OpenSSL.SSL.Error} (a list of (library, function,
+    reason) tuples) joined by C{"; "}, or its text when it holds none.
+    """
+    parts = []
+    for entry in error.args[0] if error.args and isinstance(error.args[0], list) else ():
+        if isinstance(entry, tuple) and entry and isinstance(entry[-1], str) and entry[-1]:
+            parts.append(entry[-1])
+    return "; ".join(parts) or str(error) or type(error).__name__
+
+
 class _RefusableTLSFactory(TLSMemoryBIOFactory):
     """A L{TLSMemoryBIOFactory} that closes the connection when the wrapped factory refuses it."""
 
@@ -124,6 +137,18 @@ class TLSContexts:
             names it), or the key does not match the certificate.
         """
         return cls(loadNodeCertificate(certificatePath, keyPath), loadAuthorities(caPath))
+
+    @staticmethod
+    def errorText(reason: Failure) -> str | None:
+        """
+        What OpenSSL said when C{reason} (why a TLS connection was lost) is
+        a TLS error, e.g. C{"tlsv1 alert unknown ca"} for an alert from the
+        peer or C{"certificate verify failed"} for our own refusal; None
+        for any other reason (the connection closed or reset).
+        """
+        if not reason.check(SSL.Error) or reason.value is None:
+            return None
+        return describeTLSError(reason.value)
 
     def serverFactory(self, factory: Factory[Any]) -> IProtocolFactory:
         """

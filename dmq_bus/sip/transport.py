@@ -163,6 +163,15 @@ class TransportNotReady(TransportError):
     """The socket is not listening yet, or the layer has been stopped."""
 
 
+class TLSRefused(TransportError):
+    """
+    The TLS peer closed the connection with an alert after our side of the
+    handshake had completed, before answering anything: with TLS 1.3 that
+    is how a server refuses our client certificate. Nothing written on the
+    connection was processed.
+    """
+
+
 # ---------------------------------------------------------------------------
 # Pure helpers
 
@@ -367,7 +376,12 @@ class SIPTransportLayer:
         (every message that could not be sent, whatever the reason),
         C{receiver_errors}, C{dropped_no_receiver}; C{tls.handshake_failed}
         (an outgoing TLS connection whose handshake failed: its queued
-        messages fail; TLS connections otherwise count as C{tcp.*});
+        messages fail; TLS connections otherwise count as C{tcp.*}),
+        C{tls.refused_by_peer} (an outgoing TLS connection closed by a TLS
+        alert after the handshake, before the peer answered anything: the
+        messages written on it fail with L{TLSRefused}) and
+        C{tls.inbound_failed} (an incoming TLS connection ended by a TLS
+        error: a handshake we refused, or an alert from the client);
         C{udp.send_buffer_full}
         (a datagram not sent because the socket's send buffer was full, also
         a send error) and C{udp.send_refused} (the kernel reported an
@@ -400,6 +414,7 @@ class SIPTransportLayer:
         self._stopped = False
         self._stopWaiters: list[Deferred[None]] = []
         self._refusingLogged = False
+        self._tlsFailuresLogged: set[str] = set()
 
     # -- what the service wires up
 
@@ -583,6 +598,8 @@ class SIPTransportLayer:
         if stream is not None:
             stream.sendBytes(data)
             self.counters["tcp.sent"] += 1
+            if onError is not None:
+                stream.watchSent(onError)
             return
         pending = self._connecting.get(destination)
         if pending is not None:
@@ -662,6 +679,53 @@ class SIPTransportLayer:
         if isinstance(stream.factory, _OutboundFactory):
             self._connectFailed(stream.address, stream.factory, reason)
 
+    def _refusedAfterHandshake(
+        self, stream: SIPTLSStreamProtocol, reason: Failure, unanswered: list[OnError]
+    ) -> None:
+        """
+        An outgoing TLS connection on which C{unanswered} messages were
+        written was lost before the peer sent anything: if a TLS alert
+        ended it, the peer refused us and those messages fail at once.
+        """
+        alert = None if self.tls is None else self.tls.errorText(reason)
+        if alert is None:
+            return
+        self.counters["tls.refused_by_peer"] += 1
+        self.log.warn(
+            "TLS peer {destination} refused the connection after the handshake: {error}",
+            destination=str(stream.address),
+            error=alert,
+        )
+        error = TLSRefused(
+            f"{stream.address} refused the TLS connection after the handshake ({alert}); "
+            "does it trust our certificate?"
+        )
+        for onError in unanswered:
+            self._sendFailed(onError, error, stream.address)
+
+    def _inboundLost(self, stream: SIPTLSStreamProtocol, reason: Failure) -> None:
+        """
+        Count an incoming TLS connection that a TLS error ended (most often
+        a client certificate our CA bundle does not verify); the first
+        from each host is logged.
+        """
+        error = None if self.tls is None else self.tls.errorText(reason)
+        if error is None:
+            return
+        self.counters["tls.inbound_failed"] += 1
+        host = stream.address.host
+        if host in self._tlsFailuresLogged:
+            return
+        if len(self._tlsFailuresLogged) >= 256:
+            self._tlsFailuresLogged.clear()
+        self._tlsFailuresLogged.add(host)
+        self.log.warn(
+            "TLS connection from {source} failed: {error} (further failures from this "
+            "host are only counted, as tls.inbound_failed)",
+            source=str(stream.address),
+            error=error,
+        )
+
     def _connectionCount(self) -> int:
         return len(self._streams) + len(self._connecting)
 
@@ -707,6 +771,9 @@ class SIPTransportLayer:
         if pending is not None and pending.queue:
             stream.sendMany([data for data, _ in pending.queue])
             self.counters["tcp.sent"] += len(pending.queue)
+            for _, onError in pending.queue:
+                if onError is not None:
+                    stream.watchSent(onError)
 
     def _streamClosing(self, stream: SIPStreamProtocol) -> None:
         if self._byAddress.get(stream.address) is stream:
@@ -973,6 +1040,12 @@ class SIPStreamProtocol(Protocol):
             self.transport.writeSequence(chunks)
         self._lastTraffic = self._layer.clock.seconds()
 
+    def watchSent(self, onError: OnError) -> None:
+        """
+        A message whose sender waits on C{onError} was just written here.
+        Over TCP a written message counts as sent: nothing is kept.
+        """
+
     def dataReceived(self, data: bytes) -> None:
         """Buffer C{data} and hand every whole message in it to the receiver."""
         if not self._open:
@@ -1135,9 +1208,19 @@ class SIPTLSStreamProtocol(SIPStreamProtocol):
     the peer; if the connection closes before that, the queued messages
     fail with the handshake's error. An inbound one is open at once: what
     arrives is delivered only after the handshake anyway.
+
+    With TLS 1.3 our side of the handshake completes before the server has
+    checked our certificate; a server that refuses it sends an alert and
+    closes. So an outbound connection keeps the error callbacks of the
+    messages written on it until the peer sends its first bytes (at most
+    L{TransportLimits.connectTimeout} seconds after the handshake): if a
+    TLS alert ends the connection before that, those messages fail at once
+    with L{TLSRefused} instead of waiting for their transactions' timeout.
     """
 
     _handshakeTimer: IDelayedCall | None = None
+    _verdictTimer: IDelayedCall | None = None
+    _unanswered: list[OnError] | None = None
 
     def connectionMade(self) -> None:
         """
@@ -1160,27 +1243,63 @@ class SIPTLSStreamProtocol(SIPStreamProtocol):
 
     def handshakeCompleted(self) -> None:
         """The peer is verified: an outbound connection is now open."""
-        timer, self._handshakeTimer = self._handshakeTimer, None
-        if timer is not None and timer.active():
-            timer.cancel()
+        _cancel(self._handshakeTimer)
+        self._handshakeTimer = None
         if not self.outbound or self._open:
             return
-        if self._layer._stopped:
+        layer = self._layer
+        if layer._stopped:
             if self.transport is not None:
                 self.transport.loseConnection()
             return
+        self._unanswered = []
+        self._verdictTimer = layer.clock.callLater(layer.limits.connectTimeout, self._answered)
         super().connectionMade()
 
+    def watchSent(self, onError: OnError) -> None:
+        """Keep C{onError} until the peer has shown it accepted the connection."""
+        if self._unanswered is not None:
+            self._unanswered.append(onError)
+
+    def _answered(self) -> None:
+        """The peer accepted us (or had time enough to refuse): keep nothing more."""
+        _cancel(self._verdictTimer)
+        self._verdictTimer = None
+        self._unanswered = None
+
+    def dataReceived(self, data: bytes) -> None:
+        """Bytes from the peer: it accepted the connection."""
+        if self._unanswered is not None:
+            self._answered()
+        super().dataReceived(data)
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        """Unregister; before the handshake of an outbound one, fail its queue."""
-        if self.outbound and self not in self._layer._streams:
-            timer, self._handshakeTimer = self._handshakeTimer, None
-            if timer is not None and timer.active():
-                timer.cancel()
-            if not self._layer._stopped:
-                self._layer._handshakeFailed(self, reason)
+        """
+        Unregister; before the handshake of an outbound one, fail its queue;
+        after it, fail what was written if a TLS alert came before any answer.
+        """
+        layer = self._layer
+        _cancel(self._handshakeTimer)
+        self._handshakeTimer = None
+        if self.outbound and self not in layer._streams:
+            if not layer._stopped:
+                layer._handshakeFailed(self, reason)
             return
+        unanswered = self._unanswered
+        self._answered()
         super().connectionLost(reason)
+        if layer._stopped:
+            return
+        if unanswered:
+            layer._refusedAfterHandshake(self, reason, unanswered)
+        elif not self.outbound:
+            layer._inboundLost(self, reason)
+
+
+def _cancel(timer: IDelayedCall | None) -> None:
+    """Cancel C{timer} unless it is None or has run."""
+    if timer is not None and timer.active():
+        timer.cancel()
 
 
 class _InboundFactory(ServerFactory[SIPStreamProtocol]):
