@@ -169,6 +169,30 @@ class DetectionTests(SynchronousTestCase):
         """The same with 20 nodes: every one of 19 survivors sees the crash within 3 s."""
         self.assertDetected(20, [7, 15, 2], [0.0, 0.21, 0.42])
 
+    def test_concurrentJoinsWithJitter(self) -> None:
+        """
+        Nodes joining at once over a network with delivery jitter (as real
+        processes started together do) each learn that every other runs
+        dmq-bus, whichever greets first, so that every survivor sees a crash
+        within 3 s; before greetings' answers counted, some node never
+        heard of some other's probes and fell back to ping timing (~10 s).
+        """
+        for seed in range(10):
+            network = MemoryNetwork(jitter=0.01, seed=seed)
+            first = addNode(network, "127.0.0.1")
+            nodes = [first] + [addNode(network, f"127.0.0.{i}", [first]) for i in range(2, 7)]
+            network.run(1.0)
+            for node in nodes:
+                nodeList = node.bus.nodeList
+                unknown = [str(o.uri) for o in nodeList.others() if not nodeList.isDMQBus(o.key)]
+                self.assertEqual(unknown, [], f"seed {seed}: {node.uri} does not know")
+            victim = nodes[seed % 5 + 1]
+            victim.crash()
+            alive = [n for n in nodes if n is not victim]
+            seen = untilMarked(network, alive, victim, 5.0)
+            self.assertEqual(set(seen), {n.uri for n in alive}, f"seed {seed}: not everybody saw")
+            self.assertLessEqual(max(seen.values()), 3.0, f"seed {seed}")
+
     def test_passiveNodeSkippedOver(self) -> None:
         """
         A dmq-bus node with its probes off answers pings "passive": the node

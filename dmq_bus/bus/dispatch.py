@@ -400,6 +400,7 @@ class DMQBus:
             reason=response.reason,
             body=response.body,
             contentType=response.headers.get("content-type"),
+            server=response.headers.get("server"),
         )
 
     def _deliveryFailed(self, failure: Failure, node: Node, names: _ChannelCounters) -> Failure:

@@ -5,10 +5,12 @@ the bus.
 
 Kamailio nodes never take part. A node counts as a dmq-bus node once a
 notification request of its carried a C{User-Agent} starting with
-C{dmq-bus}, or it sent us a health message (L{NodeList.markDMQBus}: local
-knowledge, never on the wire). With probes on, a node learned from a list
-is pinged at once (one notification ping, as Kamailio sends every
-interval anyway), so both sides learn this within milliseconds of a join.
+C{dmq-bus}, a 200 of its to our notification carried such a C{Server}
+(Kamailio 5.6.3 sends neither), or it sent us a health message
+(L{NodeList.markDMQBus}: local knowledge, never on the wire). With probes
+on, a node learned from a list is pinged at once (one notification ping,
+as Kamailio sends every interval anyway), so both sides learn this within
+milliseconds of a join, whichever greets first.
 Until then, and always for Kamailio nodes (and for a dmq-bus node run
 with an empty or changed C{--user-agent}), the notification peer pings
 the node every C{pingInterval} and judges its answers exactly as Kamailio
@@ -225,7 +227,11 @@ def _kindOf(contentType: str) -> str:
 
 def isDMQBusAgent(headers: Headers) -> bool:
     """Whether a request's C{User-Agent} says dmq-bus sent it."""
-    agent = headers.get("user-agent")
+    return isDMQBusName(headers.get("user-agent"))
+
+
+def isDMQBusName(agent: str | None) -> bool:
+    """Whether a C{User-Agent} or C{Server} value names dmq-bus."""
     return agent is not None and agent.startswith(AGENT_PREFIX)
 
 
@@ -625,5 +631,6 @@ __all__ = [
     "HealthConfig",
     "HealthMonitor",
     "isDMQBusAgent",
+    "isDMQBusName",
     "isHealthMessage",
 ]

@@ -16,7 +16,13 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from dmq_bus.bus.dispatch import DMQBus
-from dmq_bus.bus.health import HealthConfig, HealthMonitor, isDMQBusAgent, isHealthMessage
+from dmq_bus.bus.health import (
+    HealthConfig,
+    HealthMonitor,
+    isDMQBusAgent,
+    isDMQBusName,
+    isHealthMessage,
+)
 from dmq_bus.bus.nodelist import NodeLine, parseNodeLines
 from dmq_bus.bus.values import (
     Delivery,
@@ -224,6 +230,11 @@ class NotificationPeer:
         if delivery.code == 200:
             self.nodeList.release(delivery.node.key)
             self.nodeList.setStatus(delivery.node.key, NodeStatus.ACTIVE)
+            if isDMQBusName(delivery.server):
+                # the answer to our greeting (or any ping): without this, a
+                # node that already knew us from our greeting would not
+                # greet back, and we would never learn it runs dmq-bus
+                self.nodeList.markDMQBus(delivery.node.key)
             self.nodeList.merge(parseNodeLines(delivery.body, self.counters))
             self._runJoinHooks()
         elif delivery.code == 408:
@@ -275,8 +286,9 @@ class NotificationPeer:
         """
         With health probes on, ping a node learned from a list at once
         rather than at the next ping interval, so that both sides learn
-        from the other's C{User-Agent} whether it runs dmq-bus (a Kamailio
-        node just gets one more ping).
+        whether the other runs dmq-bus: the receiver from our request's
+        C{User-Agent}, we from its answer's C{Server} (a Kamailio node just
+        gets one more ping).
         """
         if (
             event.change is not MembershipChange.ADDED

@@ -163,13 +163,17 @@ class PeerResponse:
 
 @attrs.frozen
 class Delivery:
-    """The final response a node gave to one KDMQ request."""
+    """
+    The final response a node gave to one KDMQ request; C{server} is its
+    C{Server} header (None without one: Kamailio 5.6.3 sends none).
+    """
 
     node: Node
     code: int
     reason: str
     body: bytes = b""
     contentType: str | None = None
+    server: str | None = None
 
     @property
     def ok(self) -> bool:
