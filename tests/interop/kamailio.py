@@ -23,6 +23,11 @@ Typical trial use (real reactor)::
 
 Scripts use L{waitUntil} instead of L{waitFor}, and C{with KamailioNode(...)}.
 
+A node made with C{transport="tls"} runs C{kamailio-tls.cfg} instead: the
+same node with the tls module, DMQ over TLS on PORT and udp+tcp moved to a
+second port (L{KamailioNode.plainPort}); see L{TLSFiles} and
+L{kamailioTLSAvailable}.
+
 Only the standard library is used, plus Twisted for L{waitFor}. Nothing binds
 or talks to an address outside 127.0.0.0/8.
 """
@@ -45,7 +50,7 @@ import time
 import weakref
 from collections.abc import Callable, Iterable, Sequence
 from types import TracebackType
-from typing import Any, TypeAlias, TypedDict
+from typing import Any, Protocol, TypeAlias, TypedDict
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -54,17 +59,22 @@ from twisted.internet.task import deferLater
 __all__ = [
     "CONFIG_PATH",
     "SKIP_REASON",
+    "TLS_CONFIG_PATH",
+    "TLS_SKIP_REASON",
     "DMQNode",
     "KamailioError",
     "KamailioNode",
     "KamailioRPCError",
+    "TLSFiles",
     "WaitTimeout",
     "allocatePorts",
     "kamailioAvailable",
+    "kamailioTLSAvailable",
     "kamcmdPath",
     "kamailioPath",
     "parseKamcmdOutput",
     "releasePorts",
+    "tlsConfigIncluding",
     "waitFor",
     "waitUntil",
     "bothActive",
@@ -73,11 +83,21 @@ __all__ = [
 #: The node config shipped with the project (all per-node values are -A defines).
 CONFIG_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kamailio-node.cfg")
 
+#: The same node over TLS: includes kamailio-node.cfg, adds the tls module.
+TLS_CONFIG_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "kamailio-tls.cfg")
+
 #: Why interop tests are skipped when Kamailio is missing. Loud on purpose:
 #: trial prints it in its summary, and .ci/run repeats a warning when it sees it.
 SKIP_REASON = (
     "!!! KAMAILIO NOT INSTALLED: interop tests against real Kamailio 5.6.3 SKIPPED "
     "(apt-get install kamailio) !!!"
+)
+
+#: Why TLS interop tests are skipped when Kamailio's tls module (or Kamailio)
+#: is missing; .ci/run looks for "KAMAILIO TLS" in the skip reasons.
+TLS_SKIP_REASON = (
+    "!!! KAMAILIO TLS MODULE NOT INSTALLED: TLS interop tests against real Kamailio 5.6.3 "
+    "SKIPPED (apt-get install kamailio kamailio-tls-modules) !!!"
 )
 
 #: The only address anything here binds to or talks to.
@@ -177,6 +197,74 @@ def kamailioAvailable() -> bool:
     Whether both kamailio and kamcmd are installed, so interop tests can run.
     """
     return kamailioPath() is not None and kamcmdPath() is not None
+
+
+_tlsAvailable: bool | None = None
+
+
+def kamailioTLSAvailable() -> bool:
+    """
+    Whether Kamailio is available (L{kamailioAvailable}) and loads its tls
+    module (Debian: package C{kamailio-tls-modules}), checked once by
+    C{kamailio -c} on a config that only loads C{tls.so}.
+    """
+    global _tlsAvailable
+    if _tlsAvailable is None:
+        _tlsAvailable = kamailioAvailable() and _loadsTLSModule()
+    return _tlsAvailable
+
+
+def _loadsTLSModule() -> bool:
+    binary = kamailioPath()
+    assert binary is not None
+    with tempfile.TemporaryDirectory(prefix="dmqk-tls-") as directory:
+        config = os.path.join(directory, "tls-check.cfg")
+        with open(config, "w") as f:
+            f.write('#!KAMAILIO\nloadmodule "tls.so"\n')
+        try:
+            result = subprocess.run(
+                [binary, "-c", "-f", config],
+                capture_output=True,
+                timeout=RPC_TIMEOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return False
+    return result.returncode == 0
+
+
+class TLSFiles(Protocol):
+    """
+    The PEM files of a TLS node (C{tests.certificates.NodeFiles} is one):
+    its certificate, its unencrypted private key, and the CA bundle every
+    peer's certificate must chain to.
+    """
+
+    @property
+    def certificate(self) -> str: ...
+
+    @property
+    def key(self) -> str: ...
+
+    @property
+    def ca(self) -> str: ...
+
+
+def tlsConfigIncluding(base: str, directory: str) -> str:
+    """
+    Write into C{directory} a copy of C{kamailio-tls.cfg} that includes the
+    node config C{base} (e.g. one with more tables) instead of
+    C{kamailio-node.cfg}; its path, to pass as C{KamailioNode(config=...)}.
+    """
+    with open(TLS_CONFIG_PATH) as f:
+        text = f.read()
+    include = 'include_file "kamailio-node.cfg"'
+    if include not in text:
+        raise RuntimeError(f"{TLS_CONFIG_PATH} no longer has the line {include}")
+    path = os.path.join(directory, "tls-" + os.path.basename(base))
+    with open(path, "w") as f:
+        f.write(text.replace(include, f'include_file "{os.path.abspath(base)}"'))
+    return path
 
 
 # --------------------------------------------------------------------------
@@ -417,7 +505,9 @@ def _killLeftovers() -> None:
 
 class KamailioNode:
     """
-    One real Kamailio DMQ node on udp+tcp 127.0.0.1:C{port}.
+    One real Kamailio DMQ node on udp+tcp 127.0.0.1:C{port}, or with
+    C{transport="tls"} on tls 127.0.0.1:C{port} (and udp+tcp on
+    L{plainPort}).
 
     Its state lives in C{baseDir/PORT/}: C{kamailio.pid}, C{kamailio.log}
     (stderr of all its processes), C{kamailio_ctl} (binrpc socket for
@@ -427,9 +517,11 @@ class KamailioNode:
     also after L{kill} or a failed L{start}); nodes still running when the
     interpreter exits are SIGKILLed.
 
-    @ivar port: the SIP port (UDP and TCP).
+    @ivar port: the SIP port (UDP and TCP; TLS only for a TLS node).
+    @ivar plainPort: the UDP and TCP port: L{port}, except for a TLS node.
     @ivar serverAddress: the dmq server_address it advertises, e.g.
-        C{sip:127.0.0.1:25001} or C{sip:127.0.0.1:25001;transport=tcp}.
+        C{sip:127.0.0.1:25001}, C{sip:127.0.0.1:25001;transport=tcp} or
+        C{sip:127.0.0.1:25001;transport=tls}.
     @ivar seedAddress: its dmq notification_address, or None for a first node.
     @ivar dir: its state directory.
     """
@@ -447,6 +539,9 @@ class KamailioNode:
         shmMB: int = 64,
         pkgMB: int = 8,
         extraDefines: Sequence[str] = (),
+        tls: TLSFiles | None = None,
+        plainPort: int | None = None,
+        config: str | None = None,
     ) -> None:
         """
         @param port: SIP port for UDP and TCP on 127.0.0.1.
@@ -459,19 +554,41 @@ class KamailioNode:
         @param frTimer: tm fr_timer in ms (how long an unanswered KDMQ waits
             for a final reply before tm reports 408 to dmq).
         @param transport: C{"udp"} or C{"tcp"}: the transport of the node's
-            DMQ server_address (it listens on both either way).
+            DMQ server_address (it listens on both either way); or C{"tls"}:
+            DMQ over TLS on C{port} (C{kamailio-tls.cfg}), which needs
+            C{tls}.
         @param seedTransport: the transport in the seed's address; defaults
             to C{transport}. It must match how the seed advertises itself,
-            or the seed shows up twice in the node list.
+            or the seed shows up twice in the node list. A TLS node's seed
+            is a TLS one, and only a TLS node has a TLS seed.
         @param shmMB: shared memory (C{-m}); bursts of thousands of sets need
             more than 64 (about 9 KB per KDMQ transaction for 5 s).
         @param pkgMB: private memory per process (C{-M}).
         @param extraDefines: more C{-A} defines, e.g. C{("LOG_KDMQ",
             "DEBUG_LEVEL=3")}; string values carry their own double quotes.
+        @param tls: for a TLS node, its certificate, key and CA bundle. Its
+            tls.cfg (written to the node's directory) uses them for both
+            roles, with C{verify_certificate} and C{require_certificate}
+            on: a peer must present a certificate chaining to the bundle.
+        @param plainPort: a TLS node's UDP and TCP port (the test hooks);
+            by default one more port from L{allocatePorts}.
+        @param config: the Kamailio config: by default C{kamailio-node.cfg},
+            or C{kamailio-tls.cfg} for a TLS node (see L{tlsConfigIncluding}).
         """
-        for t in (transport, seedTransport or transport):
-            if t not in ("udp", "tcp"):
-                raise ValueError(f"transport must be 'udp' or 'tcp', not {t!r}")
+        seedTransport = seedTransport or transport
+        for t in (transport, seedTransport):
+            if t not in ("udp", "tcp", "tls"):
+                raise ValueError(f"transport must be 'udp', 'tcp' or 'tls', not {t!r}")
+        if (transport == "tls") != (seedTransport == "tls"):
+            raise ValueError("a TLS node needs a TLS seed, and a TLS seed a TLS node")
+        if (transport == "tls") != (tls is not None):
+            raise ValueError("give tls (certificate, key, CA) for a TLS node, and only then")
+        self.tls = tls
+        if tls is None:
+            self.plainPort = port
+        else:
+            self.plainPort = plainPort if plainPort is not None else allocatePorts(1)[0]
+        self.config = config or (CONFIG_PATH if tls is None else TLS_CONFIG_PATH)
         self.port = port
         self.seedPort = seedPort
         self.pingInterval = pingInterval
@@ -481,13 +598,12 @@ class KamailioNode:
         self.pkgMB = pkgMB
         self.extraDefines = tuple(extraDefines)
         self.serverAddress = self._sipAddress(port, transport)
-        self.seedAddress = (
-            None if seedPort is None else self._sipAddress(seedPort, seedTransport or transport)
-        )
+        self.seedAddress = None if seedPort is None else self._sipAddress(seedPort, seedTransport)
         self.dir = os.path.join(os.path.abspath(baseDir), str(port))
         self.logPath = os.path.join(self.dir, "kamailio.log")
         self.pidPath = os.path.join(self.dir, "kamailio.pid")
         self.ctlPath = os.path.join(self.dir, "kamailio_ctl")
+        self.tlsConfigPath = os.path.join(self.dir, "tls.cfg")
         longest = os.path.join(self.dir, "kamailio_rpc.fifo")
         if len(longest.encode()) > _MAX_UNIX_PATH:
             raise ValueError(f"baseDir too long for unix socket paths: {longest}")
@@ -496,7 +612,7 @@ class KamailioNode:
 
     @staticmethod
     def _sipAddress(port: int, transport: str) -> str:
-        suffix = ";transport=tcp" if transport == "tcp" else ""
+        suffix = "" if transport == "udp" else f";transport={transport}"
         return f"sip:{LOOPBACK}:{port}{suffix}"
 
     def __repr__(self) -> str:
@@ -521,7 +637,7 @@ class KamailioNode:
         args = [
             binary,
             "-f",
-            CONFIG_PATH,
+            self.config,
             "-DD",
             "-E",
             "-Y",
@@ -535,7 +651,7 @@ class KamailioNode:
             "-M",
             str(self.pkgMB),
             "-A",
-            f"NODE_PORT={self.port}",
+            f"NODE_PORT={self.plainPort}",
             "-A",
             f'DMQ_SERVER="{self.serverAddress}"',
             "-A",
@@ -547,6 +663,8 @@ class KamailioNode:
         ]
         if self.seedAddress is not None:
             args += ["-A", f'DMQ_SEED="{self.seedAddress}"']
+        if self.tls is not None:
+            args += ["-A", f"TLS_PORT={self.port}", "-A", f'TLS_CONFIG="{self.tlsConfigPath}"']
         for define in self.extraDefines:
             args += ["-A", define]
         return args
@@ -566,6 +684,8 @@ class KamailioNode:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self.dir, stale))
         args = self.commandLine()
+        if self.tls is not None:
+            self._writeTLSConfig(self.tls)
         _becomeSubreaper()
         with open(self.logPath, "ab") as log:
             log.write(f"{time.strftime('%F %T')} start: {' '.join(args)}\n".encode())
@@ -603,6 +723,25 @@ class KamailioNode:
                     f"{START_TIMEOUT:g} s; log {self.logPath}:\n{self.logTail()}"
                 )
             time.sleep(0.05)
+
+    def _writeTLSConfig(self, files: TLSFiles) -> None:
+        """
+        The node's tls.cfg: the same certificate, key and CA bundle whether
+        it accepts a connection (server) or opens one (client), and in both
+        roles the peer must present a certificate the bundle verifies.
+        """
+        profile = "\n".join(
+            (
+                "method = TLSv1.2+",
+                "verify_certificate = yes",
+                "require_certificate = yes",
+                f"certificate = {os.path.abspath(files.certificate)}",
+                f"private_key = {os.path.abspath(files.key)}",
+                f"ca_list = {os.path.abspath(files.ca)}",
+            )
+        )
+        with open(self.tlsConfigPath, "w") as f:
+            f.write(f"[server:default]\n{profile}\n\n[client:default]\n{profile}\n")
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
         """
