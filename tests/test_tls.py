@@ -24,6 +24,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from dmq_bus import tap
 from dmq_bus.bus.dispatch import BusConfig
+from dmq_bus.bus.nodelist import parseNodeLines
 from dmq_bus.bus.values import DeliveryFailed, Node
 from dmq_bus.peers.echo import EchoPeer
 from dmq_bus.service import DMQService, NodeConfig
@@ -246,6 +247,30 @@ class TLSErrorTextTests(SynchronousTestCase):
         self.assertIsNone(TLSContexts.errorText(Failure(ConnectionLost())))
 
 
+class SipsLineTests(SynchronousTestCase):
+    """
+    A C{sips:} line in a node-list body is read as Kamailio 5.6.3 reads it:
+    the scheme is ignored (Kamailio's DMQ keeps only host, port and
+    C{;transport=}, and rebuilds every URI it sends with C{sip:}).
+    """
+
+    def node(self, line: bytes) -> Node:
+        [parsed] = parseNodeLines(line)
+        return Node.fromURI(parsed.uri)
+
+    def test_noTransportIsUDP(self) -> None:
+        """C{sips:h:p} is the UDP node C{sip:h:p}, not a TLS one."""
+        node = self.node(b"sips:127.0.0.1:5061;status=active\r\n")
+        self.assertEqual((str(node.uri), node.transport), ("sip:127.0.0.1:5061", "udp"))
+        self.assertEqual(node.key, Node.fromURI(SIPURI.parse("sip:127.0.0.1:5061")).key)
+
+    def test_transportTLS(self) -> None:
+        """C{sips:h:p;transport=tls} is the TLS node C{sip:h:p;transport=tls}."""
+        node = self.node(b"sips:127.0.0.1:5061;transport=tls;status=active\r\n")
+        self.assertEqual(str(node.uri), "sip:127.0.0.1:5061;transport=tls")
+        self.assertEqual(node.address, Address("tls", "127.0.0.1", 5061))
+
+
 class TLSOptionsTests(SynchronousTestCase):
     """The TLS options refuse, with a clear usage error, what cannot work."""
 
@@ -320,6 +345,10 @@ class TLSOptionsTests(SynchronousTestCase):
         self.assertIn("sip:127.0.0.9:5061;transport=tls uses TLS", error)
 
     def test_sipsRefused(self) -> None:
-        """sips: URIs stay out of scope and are refused."""
+        """
+        sips: addresses are refused: Kamailio 5.6.3's DMQ ignores the scheme
+        (a sips: server_address runs over UDP, in clear), so reading one as
+        TLS would differ from Kamailio, and as UDP would mislead.
+        """
         error = self.refused("--server-address", "sips:127.0.0.1:5061")
         self.assertIn("is not supported", error)
