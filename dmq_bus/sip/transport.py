@@ -671,10 +671,11 @@ class SIPTransportLayer:
     def _handshakeFailed(self, stream: SIPTLSStreamProtocol, reason: Failure) -> None:
         """An outgoing TLS connection closed before its handshake completed."""
         self.counters["tls.handshake_failed"] += 1
+        error = None if self.tls is None else self.tls.errorText(reason)
         self.log.warn(
             "TLS handshake with {destination} failed: {error}",
             destination=str(stream.address),
-            error=reason.getErrorMessage(),
+            error=error or reason.getErrorMessage(),
         )
         if isinstance(stream.factory, _OutboundFactory):
             self._connectFailed(stream.address, stream.factory, reason)
