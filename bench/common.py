@@ -5,7 +5,8 @@ readings from /proc (CPU seconds, RSS/PSS, UDP receive-buffer drops).
 
 A dmq-bus benchmark node is this file run as a program
 (C{python bench/common.py node --port PORT ...}): one L{DMQService} with the
-htable peer holding table C{kv}, on 127.0.0.1. It reads one command a line
+htable peer holding table C{kv}, on 127.0.0.1 (C{--host IP} for another
+address, C{--seed-host IP} for the seed's when it differs). It reads one command a line
 on stdin and answers on stdout (times are C{time.monotonic()}, which is the
 same clock in every process of the machine)::
 
@@ -20,6 +21,10 @@ same clock in every process of the machine)::
     watch N                 ->   reached N T           (when the table holds N keys;
                                                         looked at every 2 ms)
     count                   ->   count N
+    set KEY VALUE           ->   stored KEY            (one local set; VALUE a string)
+    get KEY                 ->   value JSON            (the value, null when absent)
+    nodes                   ->   nodes JSON            (the whole node list, this node
+                                                        included: [{"uri","status","local"}])
     profile-restart         ->   profiling 0|1         (with --profile: start afresh)
     stats                   ->   stats {JSON}          (every counter of the node)
     quit                    ->   (leaves the bus, exits)
@@ -89,6 +94,9 @@ NODE_STOP_TIMEOUT = 10.0
 
 WATCH_INTERVAL = 0.002
 """Seconds between two looks of a node process at its table size (C{watch})."""
+
+JSON_ANSWERS = frozenset({"stats", "nodes", "value"})
+"""Answers whose rest of line is one JSON text (L{BusNode.expect} does not split it)."""
 
 
 class BenchError(Exception):
@@ -180,9 +188,12 @@ def waitFor(predicate: Any, timeout: float, what: str, interval: float = 0.005) 
 
 class BusNode:
     """
-    One dmq-bus node process on 127.0.0.1:C{port}, with table C{kv},
-    driven over its stdin/stdout (see the module docstring). Use as a
-    context manager or call L{stop}; L{stop} is always safe.
+    One dmq-bus node process on C{host}:C{port} (127.0.0.1 by default), with
+    table C{kv}, driven over its stdin/stdout (see the module docstring).
+    C{seedHost} is the seed's address (C{host} when None); C{prefix} goes
+    before the command (C{["ip", "netns", "exec", NS]} to run it in a
+    network namespace). Use as a context manager or call L{stop}; L{stop}
+    is always safe.
     """
 
     def __init__(
@@ -194,13 +205,24 @@ class BusNode:
         watch: int | None = None,
         countBytes: bool = False,
         profile: str | None = None,
+        host: str = "127.0.0.1",
+        seedHost: str | None = None,
+        prefix: Sequence[str] = (),
     ) -> None:
         self.port = port
         self.seedPort = seedPort
-        self.logPath = os.path.join(logDir, f"dmq-{port}.log")
-        self.command = [sys.executable, os.path.abspath(__file__), "node", "--port", str(port)]
+        self.host = host
+        self.name = str(port) if host == "127.0.0.1" else f"{host}:{port}"
+        logName = f"dmq-{port}.log" if host == "127.0.0.1" else f"dmq-{host}-{port}.log"
+        self.logPath = os.path.join(logDir, logName)
+        self.command = [*prefix, sys.executable, os.path.abspath(__file__), "node"]
+        self.command += ["--port", str(port)]
+        if host != "127.0.0.1":
+            self.command += ["--host", host]
         if seedPort is not None:
             self.command += ["--seed", str(seedPort)]
+            if seedHost is not None and seedHost != host:
+                self.command += ["--seed-host", seedHost]
         if watch is not None:
             self.command += ["--watch", str(watch)]
         if countBytes:
@@ -215,7 +237,7 @@ class BusNode:
     @property
     def pid(self) -> int:
         if self.process is None:
-            raise BenchError(f"dmq-bus node {self.port} is not running")
+            raise BenchError(f"dmq-bus node {self.name} is not running")
         return self.process.pid
 
     def start(self) -> BusNode:
@@ -236,7 +258,7 @@ class BusNode:
     def send(self, line: str) -> None:
         """Write one command line."""
         if self.process is None or self.process.stdin is None:
-            raise BenchError(f"dmq-bus node {self.port} is not running")
+            raise BenchError(f"dmq-bus node {self.name} is not running")
         self.process.stdin.write(line.encode() + b"\n")
         self.process.stdin.flush()
 
@@ -248,7 +270,7 @@ class BusNode:
         @raise BenchError: the process exited, or no such line in C{timeout} s.
         """
         if self.process is None or self.process.stdout is None:
-            raise BenchError(f"dmq-bus node {self.port} is not running")
+            raise BenchError(f"dmq-bus node {self.name} is not running")
         fd = self.process.stdout.fileno()
         deadline = time.monotonic() + timeout
         while True:
@@ -256,11 +278,13 @@ class BusNode:
                 line, _, self._buffer = self._buffer.partition(b"\n")
                 fields = line.decode().split(" ", 1)
                 if fields[0] == word:
-                    return fields[1].split() if len(fields) > 1 and word != "stats" else fields[1:]
+                    if len(fields) > 1 and word not in JSON_ANSWERS:
+                        return fields[1].split()
+                    return fields[1:]
             left = deadline - time.monotonic()
             if left <= 0:
                 raise BenchError(
-                    f"dmq-bus node {self.port}: no '{word}' within {timeout:g} s "
+                    f"dmq-bus node {self.name}: no '{word}' within {timeout:g} s "
                     f"(log: {self.logPath})"
                 )
             ready, _, _ = select.select([fd], [], [], left)
@@ -268,7 +292,7 @@ class BusNode:
                 chunk = os.read(fd, 65536)
                 if not chunk:
                     raise BenchError(
-                        f"dmq-bus node {self.port} exited (status {self.process.poll()}) "
+                        f"dmq-bus node {self.name} exited (status {self.process.poll()}) "
                         f"while waiting for '{word}'; log: {self.logPath}"
                     )
                 self._buffer += chunk
@@ -289,6 +313,23 @@ class BusNode:
     def stats(self) -> dict[str, int]:
         """Every counter of the node (its C{NodeStack.stats()} plus C{bytes.*} when counted)."""
         result: dict[str, int] = json.loads(self.call("stats", "stats", 10.0)[0])
+        return result
+
+    def set(self, key: str, value: str) -> None:
+        """Set C{key} to the string C{value} (no blanks in either) on this node."""
+        self.call(f"set {key} {value}", "stored", 5.0)
+
+    def get(self, key: str) -> str | int | None:
+        """The value of C{key} on this node, None when it holds none."""
+        value: str | int | None = json.loads(self.call(f"get {key}", "value", 5.0)[0])
+        return value
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """
+        This node's whole node list, itself included: one
+        C{{"uri": "sip:IP:PORT", "status": "active", "local": False}} per entry.
+        """
+        result: list[dict[str, Any]] = json.loads(self.call("nodes", "nodes", 5.0)[0])
         return result
 
     def stop(self) -> None:
@@ -477,10 +518,11 @@ def _node(args: argparse.Namespace) -> None:  # pragma: no cover - runs in a chi
         redirectStandardIO=False,
     )
     profilers = [cProfile.Profile()] if args.profile else []
-    seeds = (SIPURI.parse(f"sip:127.0.0.1:{args.seed}"),) if args.seed else ()
+    seedHost = args.seed_host or args.host
+    seeds = (SIPURI.parse(f"sip:{seedHost}:{args.seed}"),) if args.seed else ()
     config = NodeConfig(
         bus=BusConfig(
-            serverAddress=SIPURI.parse(f"sip:127.0.0.1:{args.port}"),
+            serverAddress=SIPURI.parse(f"sip:{args.host}:{args.port}"),
             notificationAddresses=seeds,
         )
     )
@@ -572,6 +614,17 @@ def _node(args: argparse.Namespace) -> None:  # pragma: no cover - runs in a chi
                 say(f"active {len(service.bus.nodeList.active())}")
             elif verb == "count":
                 say(f"count {len(table)}")
+            elif verb == "set":
+                table.set(rest[0], rest[1])
+                say(f"stored {rest[0]}")
+            elif verb == "get":
+                say("value " + json.dumps(table.get(rest[0])))
+            elif verb == "nodes":
+                entries = [
+                    {"uri": str(n.uri), "status": n.status.word, "local": n.local}
+                    for n in service.bus.nodeList.all()
+                ]
+                say("nodes " + json.dumps(entries, separators=(",", ":")))
             elif verb == "fill":
                 fill(rest[0], int(rest[1]))
             elif verb == "write":
@@ -631,7 +684,9 @@ def main() -> None:
     sub = parser.add_subparsers(dest="what", required=True)
     node = sub.add_parser("node", help="run one dmq-bus benchmark node (driven over stdin)")
     node.add_argument("--port", type=int, required=True)
-    node.add_argument("--seed", type=int, default=0)
+    node.add_argument("--host", default="127.0.0.1", help="the node's IP address")
+    node.add_argument("--seed", type=int, default=0, help="the seed's port (0: no seed)")
+    node.add_argument("--seed-host", default="", help="the seed's IP address (default: --host)")
     node.add_argument("--watch", type=int, default=0)
     node.add_argument("--count-bytes", action="store_true")
     node.add_argument("--profile", default="")
