@@ -10,10 +10,29 @@ stamps from different processes compare):
 
     ready <t>                                          listening, join sent
     node <t> <change> <port> <status> <active> <total>  one membership change
+    stats <t> <name>=<value> ...                       on SIGUSR1 (L{NodeProcesses.requestStats})
+    health <t> <what> <port>                           with C{healthEvents}: a suspicion
+                                                       started ("suspect", then "own" or
+                                                       "told"), "refuted" or "failed"
+    lag <t> <seconds>                                  with C{lagInterval}: the reactor ran a
+                                                       timer this late (>= C{LAG_REPORTED})
 
 C{<active>} counts the active nodes the process lists, itself included;
 C{<total>} every node it lists. Reading these lines costs nothing on the
 nodes' side: no polling of 100 control APIs.
+
+A C{stats} line holds every counter of the node's stack
+(L{NodeStack.stats}, the C{health.*} counters included), C{health.covered}
+(how many nodes its health monitor covers), C{cpu} (CPU seconds of the
+process), C{sched.run} and C{sched.wait} (seconds run, and seconds spent
+runnable but waiting for a CPU, from C{/proc/self/schedstat}), C{loss.*}
+(datagrams dropped and passed by the C{loss} option) and C{lag.*} (the
+C{lagInterval} probe: worst lateness, and how many timers were late by
+100 ms and 250 ms or more).
+
+With C{loss} > 0, the node drops each UDP datagram it receives, and each
+one it sends, with that probability (C{random.Random(lossSeed)}): loss in
+both directions on every link, over real sockets. TCP is left alone.
 
 Processes are made in one of two ways:
   - C{fork} (default): forked from the benchmark process, which imported
@@ -29,6 +48,7 @@ import argparse
 import contextlib
 import json
 import os
+import random
 import selectors
 import signal
 import subprocess
@@ -56,6 +76,10 @@ class NodeSpec:
     pingTimeout: float = 5.0
     echo: bool = False
     events: bool = True
+    loss: float = 0.0
+    lossSeed: int = 0
+    lagInterval: float = 0.0
+    healthEvents: bool = False
 
     def toJSON(self) -> str:
         return json.dumps(attrs.asdict(self))
@@ -65,6 +89,145 @@ class NodeSpec:
         values = json.loads(text)
         values["seeds"] = tuple(values["seeds"])
         return cls(**values)
+
+
+LAG_REPORTED = 0.1
+"""Lateness (s) of the C{lagInterval} timer from which a C{lag} line is reported."""
+
+
+class LossyDatagrams:
+    """
+    Drops each datagram a node's UDP socket receives, and each one it sends,
+    with probability C{loss}. Installed on the node's L{SIPDatagramProtocol}
+    before it listens: receiving is its C{datagramReceived}; sending is the
+    socket's C{sendto} the protocol finds when it starts, or the port's
+    C{write} (both wrapped once the protocol has started).
+    """
+
+    def __init__(self, protocol: Any, loss: float, seed: int) -> None:
+        self.protocol = protocol
+        self.loss = loss
+        self.random = random.Random(seed)
+        self.counters: dict[str, int] = dict.fromkeys(
+            ("loss.dropped_in", "loss.passed_in", "loss.dropped_out", "loss.passed_out"), 0
+        )
+
+    def drop(self, direction: str) -> bool:
+        """Whether to drop the next datagram going C{direction} ("in"/"out"); counted."""
+        dropped = self.random.random() < self.loss
+        self.counters[f"loss.{'dropped' if dropped else 'passed'}_{direction}"] += 1
+        return dropped
+
+    def install(self) -> None:
+        protocol = self.protocol
+        receive = protocol.datagramReceived
+        start = protocol.startProtocol
+
+        def datagramReceived(datagram: bytes, addr: Any) -> None:
+            if not self.drop("in"):
+                receive(datagram, addr)
+
+        def startProtocol() -> None:
+            start()
+            sendto = protocol.sendto
+            if sendto is not None:
+
+                def lossySendto(data: bytes, addr: Any) -> int:
+                    return len(data) if self.drop("out") else int(sendto(data, addr))
+
+                protocol.sendto = lossySendto
+            transport = protocol.transport
+            write = transport.write
+
+            def lossyWrite(data: bytes, addr: Any = None) -> Any:
+                return None if self.drop("out") else write(data, addr)
+
+            transport.write = lossyWrite
+
+        protocol.datagramReceived = datagramReceived
+        protocol.startProtocol = startProtocol
+
+
+class LagProbe:
+    """
+    A timer every C{interval} s that measures how late the reactor runs it:
+    a process starved of CPU (or blocked) shows here.
+    """
+
+    def __init__(self, reactor: Any, interval: float, report: Any) -> None:
+        self.reactor = reactor
+        self.interval = interval
+        self.report = report
+        self.counters: dict[str, float] = {"lag.max": 0.0, "lag.over_100ms": 0, "lag.over_250ms": 0}
+        self._due = 0.0
+
+    def start(self) -> None:
+        self._due = time.monotonic() + self.interval
+        self.reactor.callLater(self.interval, self._tick)
+
+    def _tick(self) -> None:
+        now = time.monotonic()
+        lag = now - self._due
+        counters = self.counters
+        counters["lag.max"] = max(counters["lag.max"], lag)
+        if lag >= 0.1:
+            counters["lag.over_100ms"] += 1
+        if lag >= 0.25:
+            counters["lag.over_250ms"] += 1
+        if lag >= LAG_REPORTED:
+            self.report(f"lag {now:.6f} {lag:.3f}\n")
+        self._due = now + self.interval
+        self.reactor.callLater(self.interval, self._tick)
+
+
+def _schedstat() -> dict[str, float]:
+    """Seconds this process ran, and waited runnable for a CPU (Linux schedstat)."""
+    try:
+        with open("/proc/self/schedstat") as f:
+            run, wait = (int(x) for x in f.read().split()[:2])
+    except (OSError, ValueError):
+        return {}
+    return {"sched.run": run / 1e9, "sched.wait": wait / 1e9}
+
+
+def _reportHealth(health: Any, report: Any) -> None:
+    """Report the suspicions of a L{HealthMonitor}: started, refuted, failed."""
+    suspect = health.suspect
+    heardFrom = health._heardFrom
+    onFailed = health.onFailed
+
+    def line(what: str, node: Any) -> None:
+        report(f"health {time.monotonic():.6f} {what} {node.uri.port}\n")
+
+    def suspecting(node: Any, *, announce: bool) -> None:
+        before = health.suspected(node.key)
+        suspect(node, announce=announce)
+        if not before and health.suspected(node.key):
+            line("suspect-own" if announce else "suspect-told", node)
+
+    def heard(key: Any) -> None:
+        before = health.suspected(key)
+        heardFrom(key)
+        node = health.nodeList.get(key)
+        if before and not health.suspected(key) and node is not None:
+            line("refuted", node)
+
+    def failed(node: Any) -> None:
+        line("failed", node)
+        onFailed(node)
+
+    health.suspect = suspecting
+    health._heardFrom = heard
+    health.onFailed = failed
+
+
+def parseStats(fields: Sequence[str]) -> dict[str, float]:
+    """The values of a C{stats} report's fields (C{name=value} each)."""
+    values: dict[str, float] = {}
+    for field in fields:
+        name, _, value = field.partition("=")
+        values[name] = float(value)
+    return values
 
 
 def runNode(spec: NodeSpec, reportFD: int) -> None:
@@ -106,7 +269,34 @@ def runNode(spec: NodeSpec, reportFD: int) -> None:
 
     if spec.events:
         service.bus.addMembershipObserver(observe)
+    health = service.stack.notification.health
+    if spec.healthEvents:
+        _reportHealth(health, report)
+    lossy = None
+    if spec.loss > 0:
+        lossy = LossyDatagrams(service.stack.transport.datagramProtocol(), spec.loss, spec.lossSeed)
+        lossy.install()
+    lagProbe = LagProbe(reactor, spec.lagInterval, report) if spec.lagInterval > 0 else None
+
+    def stats() -> None:
+        values: dict[str, float] = dict(service.stack.stats())
+        values["health.covered"] = len(health.covered())
+        values["cpu"] = time.process_time()
+        values |= _schedstat()
+        if lossy is not None:
+            values |= lossy.counters
+        if lagProbe is not None:
+            values |= lagProbe.counters
+        fields = " ".join(
+            f"{name}={value if isinstance(value, int) else f'{value:.6f}'}"
+            for name, value in values.items()
+        )
+        report(f"stats {time.monotonic():.6f} {fields}\n")
+
+    signal.signal(signal.SIGUSR1, lambda *_: reactor.callFromThread(stats))  # type: ignore[attr-defined]
     service.startService()
+    if lagProbe is not None:
+        lagProbe.start()
     report(f"ready {time.monotonic():.6f}\n")
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)  # type: ignore[attr-defined]
     reactor.run()  # type: ignore[attr-defined]
@@ -237,6 +427,20 @@ class NodeProcesses:
             if left <= 0:
                 return
             yield from self.read(min(left, 0.2))
+
+    def requestStats(self, process: NodeProcess) -> bool:
+        """
+        Ask a node for a C{stats} report (SIGUSR1); whether it was asked
+        (not before it is ready, when SIGUSR1 would still kill it, nor once
+        it is gone).
+        """
+        if process.ready is None or process.exited:
+            return False
+        try:
+            os.kill(process.pid, signal.SIGUSR1)
+        except ProcessLookupError:
+            return False
+        return True
 
     def kill(self, process: NodeProcess) -> float:
         """SIGKILL one node; the monotonic time just before the signal."""
