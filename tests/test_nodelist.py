@@ -321,3 +321,46 @@ class CacheTests(SynchronousTestCase):
         for _ in range(3):
             self.assertEqual(len(parseNodeLines(body, counters)), 1)
         self.assertEqual(counters["nodelist.bad_lines"], 3)
+
+
+class TombstoneTests(SynchronousTestCase):
+    """Removed nodes held back from gossip are forgotten once their hold ends."""
+
+    def test_expiredSweptWithoutBeingSeenAgain(self) -> None:
+        """
+        Tombstones of nodes never named again do not pile up: with a steady
+        churn the count stays about the removals of one hold, not all of them.
+        """
+        from twisted.internet.task import Clock
+
+        clock = Clock()
+        nodes = nodeList(clock=clock)
+        for port in range(1, 10_001):
+            key = ("127.0.0.1", port, None)
+            nodes.add(node(f"sip:127.0.0.1:{port}"))
+            nodes.remove(key, hold=120.0)
+            clock.advance(0.1)  # 1,200 removals per hold
+        self.assertLessEqual(nodes.tombstones, 2 * 1_200 + 1)
+        self.assertGreaterEqual(nodes.tombstones, 1_200)
+
+    def test_heldNodesStillHeldAfterSweep(self) -> None:
+        """A sweep keeps every tombstone whose hold is not over: those nodes stay out."""
+        from twisted.internet.task import Clock
+
+        clock = Clock()
+        nodes = nodeList(clock=clock)
+        for port in range(1, 201):
+            nodes.add(node(f"sip:127.0.0.1:{port}"))
+            nodes.remove(("127.0.0.1", port, None), hold=1000.0 if port <= 10 else 1.0)
+            clock.advance(0.5)
+        # ports 1-10 held until ~1000 s; every other one expired and swept or expiring
+        changed = nodes.merge(
+            parseNodeLines(
+                b"".join(b"sip:127.0.0.1:%d;status=active\r\n" % p for p in range(1, 11))
+            )
+        )
+        self.assertFalse(changed)
+        self.assertEqual(len(nodes.all()), 1)
+        self.assertLess(nodes.tombstones, 64 + 10)
+        nodes.merge(parseNodeLines(b"sip:127.0.0.1:150;status=active\r\n"))
+        self.assertIsNotNone(nodes.get(("127.0.0.1", 150, None)), "an expired hold re-adds")

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import functools
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Hashable, Iterable
+from typing import Generic, TypeVar
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
@@ -30,6 +31,7 @@ DEFAULT_MAX_NODES = 1024
 How many nodes one list holds. Past it, lines naming new nodes are ignored
 (counted as C{nodes.rejected_limit}); known nodes are still updated.
 """
+
 
 NODE_TRANSPORTS = frozenset({"udp", "tcp", "tls"})
 """Transports a node line may name; a line with another is skipped (counted)."""
@@ -107,6 +109,50 @@ def _parse(body: bytes) -> tuple[tuple[NodeLine, ...], int]:
     return tuple(out), bad
 
 
+_K = TypeVar("_K", bound=Hashable)
+
+
+class Deadlines(Generic[_K]):
+    """
+    Keys that each count until a clock time, then are as good as absent.
+    An expired key is deleted when it is looked up, and every expired one
+    when the dict has doubled since the last sweep (amortised O(1)): keys
+    never looked up again do not pile up. It holds about the keys set
+    within one delay, whatever the number ever set.
+    """
+
+    FIRST_SWEEP = 64
+    """Keys held before the first sweep."""
+
+    def __init__(self) -> None:
+        self._until: dict[_K, float] = {}
+        self._sweepAt = self.FIRST_SWEEP
+
+    def __len__(self) -> int:
+        return len(self._until)
+
+    def set(self, key: _K, until: float, now: float) -> None:
+        """C{key} counts until clock time C{until}; C{now} is the clock's time."""
+        entries = self._until
+        entries[key] = until
+        if len(entries) >= self._sweepAt:
+            for expired in [k for k, end in entries.items() if end <= now]:
+                del entries[expired]
+            self._sweepAt = max(self.FIRST_SWEEP, 2 * len(entries))
+
+    def get(self, key: _K, now: float) -> float | None:
+        """The time until which C{key} counts, or None when absent or over."""
+        until = self._until.get(key)
+        if until is not None and until <= now:
+            del self._until[key]
+            return None
+        return until
+
+    def pop(self, key: _K) -> None:
+        """Forget C{key}."""
+        self._until.pop(key, None)
+
+
 class NodeList:
     """
     The nodes of the bus as this node knows them, newest first, the local
@@ -134,7 +180,7 @@ class NodeList:
         self._held: set[NodeKey] = set()
         self._clock = clock
         # removed node -> clock time until which gossip cannot re-add it
-        self._tombstones: dict[NodeKey, float] = {}
+        self._tombstones: Deadlines[NodeKey] = Deadlines()
         # nodes that showed they run dmq-bus (see markDMQBus); never on the wire
         self._dmqBus: set[NodeKey] = set()
         self._body: bytes | None = None
@@ -284,23 +330,25 @@ class NodeList:
         if node is None or node.local:
             return None
         if hold > 0 and self._clock is not None:
-            self._tombstones[key] = self._clock.seconds() + hold
+            now = self._clock.seconds()
+            self._tombstones.set(key, now + hold, now)
         del self._nodes[key]
         self._held.discard(key)
         self._dmqBus.discard(key)
         self._publish(MembershipEvent(MembershipChange.REMOVED, node))
         return node
 
+    @property
+    def tombstones(self) -> int:
+        """Removed nodes remembered so that gossip cannot re-add them (expired ones included)."""
+        return len(self._tombstones)
+
     def forgive(self, key: NodeKey) -> None:
         """Node C{key} contacted us itself: lift any hold on re-adding it."""
-        self._tombstones.pop(key, None)
+        self._tombstones.pop(key)
 
     def _buried(self, key: NodeKey) -> bool:
-        until = self._tombstones.get(key)
-        if until is None:
-            return False
-        if self._clock is None or self._clock.seconds() >= until:
-            del self._tombstones[key]
+        if self._clock is None or self._tombstones.get(key, self._clock.seconds()) is None:
             return False
         self.counters["nodelist.ghosts_ignored"] += 1
         return True
