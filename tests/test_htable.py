@@ -7,6 +7,7 @@ removal, sync on join in chunks).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -1294,3 +1295,30 @@ class BigSyncTests(SynchronousTestCase):
         self.assertEqual(len(received), seedPeer.counters["htable.sync.chunks_sent"])
         self.assertEqual(len(set(received)), len(received))
         self.assertGreater(network.delivered, 2 * len(received))
+
+
+class ResyncBookkeepingTests(SynchronousTestCase):
+    """What the heal re-sync remembers per node stays bounded under node churn."""
+
+    def test_resyncTimesOfGoneNodesForgotten(self) -> None:
+        """
+        Nodes asked for a re-sync once and never seen again are forgotten
+        once their interval is over: 5,000 such nodes, 100 at a time, leave
+        at most a few hundred entries, and a node asked within the
+        interval is still not asked twice.
+        """
+        peer, bus, clock = localPeer()
+        interval = HTableLimits().resyncInterval
+        for batch in range(50):
+            nodes = [nodeAt(f"sip:127.0.{batch}.{i + 1}:5060") for i in range(100)]
+            bus.nodes = functools.partial(list, [bus.localNode, *nodes])  # type: ignore[method-assign]
+            peer.busJoined()
+            clock.advance(interval + 1)
+        self.assertLessEqual(len(peer._resyncAt), 2 * 100 + 64)
+        last = nodes[0]
+        peer.busJoined()
+        peer._askBack(last.key)
+        self.assertEqual(peer.counters["htable.resync.asked_back"], 0)
+        clock.advance(interval)
+        peer._askBack(last.key)
+        self.assertEqual(peer.counters["htable.resync.asked_back"], 1)

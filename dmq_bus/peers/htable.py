@@ -41,6 +41,7 @@ from twisted.plugin import IPlugin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from dmq_bus.bus.nodelist import Deadlines
 from dmq_bus.bus.values import (
     BroadcastResult,
     Delivery,
@@ -1328,7 +1329,8 @@ class HTablePeer:
         self._joined = False
         # heal re-sync state, per node: when last asked, the postponed
         # request, retries left, chunks received from it
-        self._resyncAt: dict[NodeKey, float] = {}
+        # node -> clock time before which it is not asked for a re-sync again
+        self._resyncAt: Deadlines[NodeKey] = Deadlines()
         self._resyncLater: dict[NodeKey, IDelayedCall] = {}
         self._resyncRetriesLeft: dict[NodeKey, int] = {}
         self._chunksFrom: Counter[NodeKey] = Counter()
@@ -1356,7 +1358,7 @@ class HTablePeer:
         now = self.clock.seconds()
         for node in self.bus.nodes():
             if not node.local and node.status is NodeStatus.ACTIVE:
-                self._resyncAt[node.key] = now
+                self._resyncAt.set(node.key, now + self.limits.resyncInterval, now)
         self.counters["htable.sync.requests_sent"] += 1
         d = self.bus.broadcast(CHANNEL, encodeSyncRequest(), CONTENT_TYPE, maxForwards=1)
         d.addErrback(lambda failure: self.log.failure("htable sync request failed", failure))
@@ -1391,6 +1393,7 @@ class HTablePeer:
             return
         if event.change is MembershipChange.REMOVED:
             self._resyncRetriesLeft.pop(node.key, None)
+            self._chunksFrom.pop(node.key, None)
             if not any(not n.local for n in self.bus.nodes()):
                 # alone: the next exchange runs busJoined again
                 self._joined = False
@@ -1408,13 +1411,11 @@ class HTablePeer:
         pending = self._resyncLater.get(key)
         if pending is not None and pending.active():
             return
-        last = self._resyncAt.get(key)
         now = self.clock.seconds()
-        if last is not None and now - last < self.limits.resyncInterval:
+        until = self._resyncAt.get(key, now)
+        if until is not None:
             self.counters["htable.resync.postponed"] += 1
-            self._resyncLater[key] = self.clock.callLater(
-                last + self.limits.resyncInterval - now, self._resyncDue, key
-            )
+            self._resyncLater[key] = self.clock.callLater(until - now, self._resyncDue, key)
             return
         self._sendResync(key)
 
@@ -1432,7 +1433,8 @@ class HTablePeer:
         node = self._activeNode(key)
         if node is None or not self._joined:
             return
-        self._resyncAt[key] = self.clock.seconds()
+        now = self.clock.seconds()
+        self._resyncAt.set(key, now + self.limits.resyncInterval, now)
         self.counters["htable.resync.requests_sent"] += 1
         chunksBefore = self._chunksFrom[key]
         try:
@@ -1541,8 +1543,7 @@ class HTablePeer:
         """
         if not self._joined or not self._replicating() or key in self._resyncLater:
             return
-        last = self._resyncAt.get(key)
-        if last is not None and self.clock.seconds() - last < self.limits.resyncInterval:
+        if self._resyncAt.get(key, self.clock.seconds()) is not None:
             return
         self.counters["htable.resync.asked_back"] += 1
         self._sendResync(key)
