@@ -230,9 +230,13 @@ class Request:
         C{Content-Length} with the body's byte count, in place or last),
         blank line, body.
         """
+        return self.headBytes() + self.body
+
+    def headBytes(self) -> bytes:
+        """L{toBytes} without the body: the start line, headers and blank line."""
         parts = [f"{self.method} {self.uri} {self.version}\r\n"]
         _serializeHeaders(parts, self.headers, len(self.body))
-        return "".join(parts).encode(ENCODING, ERRORS) + self.body
+        return "".join(parts).encode(ENCODING, ERRORS)
 
     def withHeaders(self, headers: Headers) -> Request:
         """A copy with other headers."""

@@ -332,13 +332,19 @@ class _ClientTransaction:
     """
     One request waiting for its final response: its retransmission state
     (Timer E) and timeout (Timer F) share one DelayedCall.
+
+    The request is kept (for retransmissions) as its own head, with the
+    Via, and the body as given: the transactions of one broadcast share
+    one body object instead of a copy each (a 35 kB node list sent to
+    1,000 nodes held 35 MB until the answers came, 32 s when none came).
     """
 
     __slots__ = (
+        "body",
         "branch",
-        "data",
         "deferred",
         "destination",
+        "head",
         "interval",
         "layer",
         "method",
@@ -354,14 +360,16 @@ class _ClientTransaction:
         layer: TransactionLayer,
         branch: str,
         method: str,
-        data: bytes,
+        head: bytes,
+        body: bytes,
         destination: Address,
         timeout: float,
     ) -> None:
         self.layer = layer
         self.branch = branch
         self.method = method
-        self.data = data
+        self.head = head
+        self.body = body
         self.destination = destination
         self.timeout = timeout
         self.state = _TRYING
@@ -424,8 +432,9 @@ class _ClientTransaction:
             self.terminate()
 
     def terminate(self) -> None:
-        """Stop the timer and leave the layer's table."""
+        """Stop the timer, leave the layer's table and let the request go."""
         self.state = _TERMINATED
+        self.head = self.body = b""
         if self.queued:
             self.layer._firstRetransmissions.discard(self)
         if self.timer is not None:
@@ -446,7 +455,6 @@ class _ClientTransaction:
             self.layer.counters["client.provisional_responses"] += 1
             return
         self.terminate()
-        self.data = b""
         self.layer.counters["client.completed"] += 1
         self.layer._clientCompleted(self)
         self.deferred.callback(response)
@@ -586,12 +594,12 @@ class TransactionLayer:
         if prefix is None:
             prefix = f"Via: SIP/2.0/{destination.transport.upper()} {self._sentBy};branch="
             self._viaPrefixes[destination.transport] = prefix
-        # the bytes of request.withHeaders(request.headers.prepending("Via",
+        # the head of request.withHeaders(request.headers.prepending("Via",
         # ...)).toBytes(), without rebuilding the header index: the new Via
         # line goes right after the start line
-        serialized = request.toBytes()
+        serialized = request.headBytes()
         startLineEnd = serialized.index(b"\r\n") + 2
-        data = b"".join(
+        head = b"".join(
             (
                 serialized[:startLineEnd],
                 (prefix + branch).encode(ENCODING, ERRORS),
@@ -599,19 +607,22 @@ class TransactionLayer:
                 serialized[startLineEnd:],
             )
         )
-        txn = _ClientTransaction(self, branch, request.method, data, destination, timeout)
+        txn = _ClientTransaction(
+            self, branch, request.method, head, request.body, destination, timeout
+        )
         self._clients[branch] = txn
         self.counters["client.started"] += 1
         txn.start()
         self._sendClient(txn)
         if destination.reliable:
-            txn.data = b""
+            txn.head = txn.body = b""  # never sent again
         return txn.deferred
 
     def _sendClient(self, txn: _ClientTransaction) -> None:
         """Hand a client transaction's request to the transport."""
+        data = txn.head + txn.body if txn.body else txn.head
         try:
-            self.transport.send(txn.data, txn.destination, txn.transportFailed)
+            self.transport.send(data, txn.destination, txn.transportFailed)
         except Exception:
             txn.transportFailed(Failure())  # type: ignore[no-untyped-call]
 
@@ -764,7 +775,7 @@ class TransactionLayer:
 
         key: Hashable
         if branch.startswith(MAGIC_COOKIE):
-            key = (branch, *via.sentBy, method)
+            key = _serverKey(branch, via, method)
         else:
             try:
                 fromTag = NameAddr.parse(headers.get("from") or "").tag
@@ -908,6 +919,18 @@ class TransactionLayer:
         for txn in pending:
             txn.fail(TransactionError("transaction layer stopped"))
         return defer.succeed(None)
+
+
+def _serverKey(branch: str, via: Via, method: str) -> str:
+    """
+    The RFC 3261 §17.2.3 key of a server transaction (branch, sent-by,
+    method) as one string. It stays for Timer J with every completed
+    transaction: a tuple of the four parsed objects took 240 bytes, the
+    string about 90. The method (no blank) and the port come first and the
+    host has its length, so two different triples never give one string.
+    """
+    host, port = via.sentBy
+    return f"{method} {port} {len(host)} {host}{branch}"
 
 
 def _topViaRaw(headers: Headers) -> str | None:
