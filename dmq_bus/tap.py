@@ -397,10 +397,15 @@ def _parseAddress(option: str, text: str) -> SIPURI:
         uri = SIPURI.parse(text)
     except SIPParseError as e:
         raise usage.UsageError(f"{option}: not a SIP URI: {text!r} ({e.reason})") from None
+    if uri.scheme.lower() == "sips":
+        hostPort = uri.host if uri.port is None else f"{uri.host}:{uri.port}"
+        raise usage.UsageError(
+            f"{option}: sips: is not supported: Kamailio 5.6.3's DMQ ignores the scheme "
+            f"(sips:{hostPort} runs over UDP, in clear); write sip:{hostPort};transport=tls"
+        )
     if uri.scheme != "sip" or uri.transport not in ("udp", "tcp", "tls"):
         raise usage.UsageError(
-            f"{option}: transport {uri.transport!r} of {uri.scheme}: is not supported "
-            "(sip: with udp, tcp or tls)"
+            f"{option}: transport {uri.transport!r} is not supported (sip: with udp, tcp or tls)"
         )
     return uri
 

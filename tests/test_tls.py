@@ -351,4 +351,12 @@ class TLSOptionsTests(SynchronousTestCase):
         TLS would differ from Kamailio, and as UDP would mislead.
         """
         error = self.refused("--server-address", "sips:127.0.0.1:5061")
-        self.assertIn("is not supported", error)
+        self.assertEqual(
+            error,
+            "--server-address: sips: is not supported: Kamailio 5.6.3's DMQ ignores the "
+            "scheme (sips:127.0.0.1:5061 runs over UDP, in clear); "
+            "write sip:127.0.0.1:5061;transport=tls",
+        )
+        error = self.refused("--notification-address", "sips:127.0.0.9:5071")
+        self.assertIn("--notification-address: sips: is not supported: Kamailio 5.6.3's DMQ", error)
+        self.assertIn("write sip:127.0.0.9:5071;transport=tls", error)
