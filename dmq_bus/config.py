@@ -155,6 +155,7 @@ SETTINGS: dict[str, Setting] = {
         Setting("tls-certificate", Kind.TEXT, None),
         Setting("tls-key", Kind.TEXT, None),
         Setting("tls-ca", Kind.TEXT, None),
+        Setting("tls-only", Kind.SWITCH, False),
         Setting("peer", Kind.LIST, []),
         Setting(
             "log-level",

@@ -120,11 +120,23 @@ class DMQService(MultiService):
     TLS, and Kamailio takes a tls URI's port as its TLS port), joins the
     bus through the notification addresses, and on stop announces its leave
     before closing. Peers may be registered before or after start.
+
+    @raise ValueError: the access policy is TLS-only
+        (L{dmq_bus.bus.guard.AccessPolicy.tlsOnly}) but the server address
+        is not C{;transport=tls} or there are no TLS settings.
     """
 
     log = Logger()
 
     def __init__(self, config: NodeConfig, reactor: Any = None) -> None:
+        if config.bus.access.tlsOnly:
+            if config.bus.serverAddress.transport != "tls":
+                raise ValueError(
+                    "a TLS-only node needs a server address with ;transport=tls, "
+                    f"not {config.bus.serverAddress}"
+                )
+            if config.tls is None:
+                raise ValueError("a TLS-only node needs TLS settings (NodeConfig.tls)")
         super().__init__()  # type: ignore[no-untyped-call]
         if reactor is None:
             from twisted.internet import reactor as globalReactor
@@ -163,9 +175,10 @@ class DMQService(MultiService):
         self._ports.append(tcp.listenTCP(port, cast(Any, factory), interface=host))
         super().startService()  # type: ignore[no-untyped-call]
         self.log.info(
-            "dmq-bus node {node} listening on udp and {stream}; seeds: {seeds}",
+            "dmq-bus node {node} listening on udp and {stream}{only}; seeds: {seeds}",
             node=str(server),
             stream="tls" if stream else "tcp",
+            only=" (requests accepted over tls only)" if self.config.bus.access.tlsOnly else "",
             seeds=", ".join(str(s) for s in self.config.bus.notificationAddresses) or "none",
         )
         self.stack.start()

@@ -187,6 +187,7 @@ class Options(usage.Options):
         self["allow-network"] = []
         self["unsigned-from"] = []
         self["known-nodes-only"] = None
+        self["tls-only"] = None
 
     def opt_notification_address(self, value: str) -> None:
         """A seed to join through, sip:IP:PORT (repeatable)."""
@@ -207,6 +208,13 @@ class Options(usage.Options):
     def opt_known_nodes_only(self) -> None:
         """Refuse application-channel requests from senders not listed active."""
         self["known-nodes-only"] = True
+
+    def opt_tls_only(self) -> None:
+        """
+        Refuse (403) every request that does not arrive over TLS; needs a
+        ;transport=tls server address and the --tls-* options. [default: off]
+        """
+        self["tls-only"] = True
 
     def opt_unsigned_from(self, value: str) -> None:
         """With --secret-file: accept unsigned requests from this CIDR (repeatable)."""
@@ -255,7 +263,7 @@ class Options(usage.Options):
                 leaveTimeout=self["leave-timeout"],
                 userAgent=self["user-agent"] or None,
                 maxNodes=self["max-nodes"],
-                access=_accessPolicy(self),
+                access=_accessPolicy(self, origin),
             )
         except ValueError as e:
             raise usage.UsageError(f"{origin('server-address')}: {e}") from None
@@ -279,7 +287,7 @@ class Options(usage.Options):
         self["tlsContexts"] = _tlsContexts(self, origin)
 
 
-def _accessPolicy(options: Options) -> AccessPolicy:
+def _accessPolicy(options: Options, origin: Callable[[str], str]) -> AccessPolicy:
     """The L{AccessPolicy} of the access options; a usage error naming the bad one."""
     window = options["signature-window"]
     networks = {}
@@ -298,13 +306,42 @@ def _accessPolicy(options: Options) -> AccessPolicy:
         raise usage.UsageError(
             "--unsigned-from needs --secret-file (without it, nothing is signed)"
         )
+    if options["tls-only"]:
+        _checkTLSOnly(options, origin("tls-only"))
     return AccessPolicy(
         allowNetworks=networks["allow-network"],
         knownNodesOnly=options["known-nodes-only"],
         secret=secret,
         unsignedFrom=networks["unsigned-from"],
         signatureWindow=window,
+        tlsOnly=options["tls-only"],
     )
+
+
+def _checkTLSOnly(options: Options, option: str) -> None:
+    """
+    A usage error, beginning with C{option}, unless TLS-only can work: the
+    server address and every seed are C{;transport=tls}, and the TLS
+    options are given.
+    """
+    server = options["serverAddress"]
+    if server.transport != "tls":
+        raise usage.UsageError(
+            f"{option} needs a server address with ;transport=tls, not {server} "
+            "(every request not over TLS is refused)"
+        )
+    missing = [f"--{name}" for name in TLS_OPTIONS if options[name] is None]
+    if missing:
+        raise usage.UsageError(f"{option} needs {', '.join(missing)} (TLS settings)")
+    seeds = [*options["notificationAddresses"]]
+    if options["discoveryAddress"] is not None:
+        seeds.append(options["discoveryAddress"])
+    for seed in seeds:
+        if seed.transport != "tls":
+            raise usage.UsageError(
+                f"{option}: seed {seed} is not ;transport=tls "
+                "(this node's join and node list would go to it in clear)"
+            )
 
 
 TLS_OPTIONS = ("tls-certificate", "tls-key", "tls-ca")

@@ -54,6 +54,7 @@ signature-window = 30
 tls-certificate = "TLS_CERTIFICATE"
 tls-key = "TLS_KEY"
 tls-ca = "TLS_CA"
+tls-only = 0
 peer = ["echo=probe"]
 log-level = "warn"
 """
@@ -118,7 +119,28 @@ class KeysTests(ConfigTestCase):
             (tls.certificate, tls.key, tls.ca),
         )
         self.assertIsNotNone(options["tlsContexts"])
+        self.assertFalse(access.tlsOnly)
         self.assertEqual(set(parseConfig(EVERY_KEY).values), set(SETTINGS))
+
+    def test_tlsOnly(self) -> None:
+        """
+        tls-only = 1 makes a TLS-only node; on a server address without
+        ;transport=tls it is refused, naming the file, line and key.
+        """
+        tls = Authority.create("config CA").issue(self.mktemp(), "127.0.0.2", "node")
+        files = (
+            f'tls-certificate = "{tls.certificate}"\ntls-key = "{tls.key}"\n'
+            f'tls-ca = "{tls.ca}"\ntls-only = 1\n'
+        )
+        options = self.parse(f'server-address = "sip:127.0.0.2:5061;transport=tls"\n{files}')
+        self.assertTrue(options["busConfig"].access.tlsOnly)
+        path = self.write(f'server-address = "sip:127.0.0.2:5061"\n{files}')
+        with self.assertRaises(usage.UsageError) as caught:
+            tap.Options().parseOptions(["--config", path])
+        self.assertIn(
+            f"{path}, line 5: tls-only needs a server address with ;transport=tls",
+            str(caught.exception),
+        )
 
     def test_defaults(self) -> None:
         """Without flags or file every setting has its documented default, shown in --help."""

@@ -1,7 +1,7 @@
 """
-Membership control: who may send to a node (source networks, known nodes,
-a shared secret), on in-memory nodes and with requests handed to the bus
-directly.
+Membership control: who may send to a node (TLS only, source networks,
+known nodes, a shared secret), on in-memory nodes and with requests handed
+to the bus directly.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from dmq_bus.bus.guard import (
     AUTH_HEADER,
+    FORBIDDEN_NOT_TLS,
     AccessPolicy,
     Guard,
     loadSecret,
@@ -75,6 +76,12 @@ class PolicyTests(SynchronousTestCase):
         self.assertRaises(ValueError, signedPolicy, signatureWindow=0)
         self.assertRaises(ValueError, signedPolicy, replayCacheSize=0)
         self.assertRaises(TypeError, AccessPolicy, allowNetworks=["10.0.0.0/8"])
+
+    def test_tlsOnlyIsNotOpen(self) -> None:
+        """A TLS-only policy is a policy: the node gets a guard."""
+        self.assertFalse(AccessPolicy(tlsOnly=True).isOpen)
+        node = MemoryNetwork().addNode("127.0.0.1", start=False, access=AccessPolicy(tlsOnly=True))
+        self.assertIsNotNone(node.bus.guard)
 
     def test_parseNetworks(self) -> None:
         """Networks are CIDR (v4 or v6, or one address); host bits or junk are refused."""
@@ -215,6 +222,118 @@ class KnownNodesTests(SynchronousTestCase):
         self.b.bus.nodeList.setStatus(entry.key, NodeStatus.DISABLED)
         self.assertEqual(answer(self.b, request, "127.0.0.1").code, 403)
         self.assertEqual(self.b.bus.counters["in.forbidden.unknown_node"], 1)
+
+
+class TLSOnlyTests(SynchronousTestCase):
+    """
+    --tls-only: a request that did not arrive over TLS (its origin's
+    transport) gets 403 and reaches no peer; one over TLS goes on.
+    """
+
+    def setUp(self) -> None:
+        network = MemoryNetwork()
+        self.sender = network.addNode("127.0.0.1", start=False)
+        self.node = network.addNode("127.0.0.2", start=False, access=AccessPolicy(tlsOnly=True))
+        self.peer = RecordingPeer()
+        self.node.registerPeer(self.peer)
+
+    def request(self, channel: str = "app") -> Request:
+        return self.sender.bus.buildRequest(
+            channel, target(self.sender, self.node), b"x", "text/plain", 1
+        )
+
+    def over(self, transport: str, request: Request, host: str = "127.0.0.1") -> Response:
+        response = self.node.bus.requestReceived(request, Origin(Address(transport, host, 5061)))
+        assert isinstance(response, Response)
+        return response
+
+    def test_udpRefused(self) -> None:
+        """
+        A KDMQ over UDP gets C{403 Forbidden: TLS Required}, counted as
+        C{in.forbidden.not_tls}; the peer never sees it.
+        """
+        response = self.over("udp", self.request())
+        self.assertEqual((response.code, response.reason), (403, "Forbidden: TLS Required"))
+        self.assertEqual(self.node.bus.counters["in.forbidden.not_tls"], 1)
+        self.assertEqual(self.node.bus.counters["in.requests.app"], 0)
+        self.assertEqual(self.peer.messages, [])
+
+    def test_tlsAccepted(self) -> None:
+        """The same request over TLS reaches the peer; nothing is refused."""
+        self.assertEqual(self.over("tls", self.request()).code, 200)
+        self.assertEqual(len(self.peer.messages), 1)
+        self.assertEqual(self.node.bus.counters["in.forbidden.not_tls"], 0)
+
+    def test_everyPlainTransportRefused(self) -> None:
+        """
+        Plain TCP, an unknown origin, a join on the notification channel,
+        a channel that does not exist (no 404 to probe with) and OPTIONS
+        are all refused alike.
+        """
+        options = Request("OPTIONS", self.request().uri, self.request().headers)
+        refused = [
+            self.over("tcp", self.request()),
+            self.over("udp", self.request("notification_peer")),
+            self.over("udp", self.request("nosuchchannel")),
+            self.over("udp", options),
+        ]
+        none = self.node.bus.requestReceived(self.request(), None)  # type: ignore[arg-type]
+        assert isinstance(none, Response)
+        refused.append(none)
+        self.assertEqual([r.code for r in refused], [403] * 5)
+        self.assertEqual(self.node.bus.counters["in.forbidden.not_tls"], 5)
+        self.assertEqual(self.node.bus.counters["in.unknown_channel"], 0)
+        self.assertEqual([n.uri for n in self.node.bus.nodes()], [self.node.bus.localNode.uri])
+
+    def test_checkedFirst(self) -> None:
+        """
+        The transport is checked before the source network and the
+        signature: a UDP request from a refused network, unsigned, counts
+        as not_tls only.
+        """
+        node = MemoryNetwork().addNode(
+            "127.0.0.3",
+            start=False,
+            access=signedPolicy(tlsOnly=True, allowNetworks=parseNetworks(["10.0.0.0/8"])),
+        )
+        response = node.bus.requestReceived(self.request(), origin("192.0.2.1"))
+        assert isinstance(response, Response)
+        self.assertEqual(response.code, 403)
+        counters = node.bus.counters
+        self.assertEqual(
+            (counters["in.forbidden.not_tls"], counters["in.forbidden.network"]), (1, 0)
+        )
+        self.assertEqual(counters["in.forbidden.unsigned"], 0)
+
+    def test_loggedOncePerSource(self) -> None:
+        """Each refused source is logged once, with the reason; then only counted."""
+        events: list[dict[str, Any]] = []
+        guard = self.node.bus.guard
+        assert guard is not None
+        guard.log = Logger(observer=events.append)  # type: ignore[arg-type]
+        for _ in range(3):
+            self.over("udp", self.request(), "192.0.2.1")
+        self.over("udp", self.request(), "192.0.2.2")
+        self.assertEqual(
+            [e["source"] for e in events], ["udp:192.0.2.1:5061", "udp:192.0.2.2:5061"]
+        )
+        self.assertEqual(events[0]["reason"], "in.forbidden.not_tls")
+        self.assertIn("not over TLS", events[0]["detail"])
+        self.assertEqual(self.node.bus.counters["in.forbidden.not_tls"], 4)
+
+    def test_answersToOwnRequestsAccepted(self) -> None:
+        """
+        Answers are not requests: a TLS-only node's own request, answered
+        over UDP, gets its answer.
+        """
+        network = MemoryNetwork()
+        open_ = network.addNode("127.0.0.1", start=False)
+        open_.registerPeer(RecordingPeer())
+        only = network.addNode("127.0.0.2", start=False, access=AccessPolicy(tlsOnly=True))
+        d = only.bus.send("app", target(only, open_), b"x", "text/plain")
+        network.run(0.01)
+        self.assertEqual(self.successResultOf(d).code, 200)
+        self.assertEqual(only.bus.counters["in.forbidden.not_tls"], 0)
 
 
 _AUTH = re.compile(r"v1;ts=[0-9]+;nonce=[0-9a-f]{32};sig=[0-9a-f]{64}")
@@ -532,3 +651,20 @@ class GuardUnitTests(SynchronousTestCase):
         request = node.bus.buildRequest("app", node.bus.localNode, b"", "text/plain", 1)
         self.assertIsNotNone(guard.admit(request, origin("not-an-ip")).refusal)
         self.assertIsNone(guard.admit(request, origin("192.0.2.1")).refusal)
+
+    def test_tlsOnlyReadsTheOrigin(self) -> None:
+        """The guard takes the transport from the request's origin: only tls passes."""
+        from collections import Counter
+
+        from twisted.internet.task import Clock
+
+        counters: Counter[str] = Counter()
+        guard = Guard(AccessPolicy(tlsOnly=True), Clock(), counters)
+        node = MemoryNetwork().addNode("127.0.0.1", start=False)
+        request = node.bus.buildRequest("app", node.bus.localNode, b"", "text/plain", 1)
+        for transport in ("udp", "tcp"):
+            refusal = guard.admit(request, Origin(Address(transport, "127.0.0.1", 5061))).refusal
+            self.assertIs(refusal, FORBIDDEN_NOT_TLS)
+        self.assertIs(guard.admit(request, None).refusal, FORBIDDEN_NOT_TLS)
+        self.assertIsNone(guard.admit(request, Origin(Address("tls", "127.0.0.1", 5061))).refusal)
+        self.assertEqual(counters, Counter({"in.forbidden.not_tls": 3}))

@@ -246,7 +246,10 @@ class DiscoveryOverSocketsTests(TestCase):
 
 
 class AccessOptionsTests(SynchronousTestCase):
-    """The membership-control options: --allow-network, --known-nodes-only, --secret-file."""
+    """
+    The membership-control options: --allow-network, --known-nodes-only,
+    --secret-file, --tls-only (with TLS: see tests.test_tls).
+    """
 
     def test_defaultOpen(self) -> None:
         """With none of them the node accepts everyone and signs nothing, as Kamailio."""
@@ -286,6 +289,7 @@ class AccessOptionsTests(SynchronousTestCase):
             (["--unsigned-from", "10.0.0.0/8"], "needs --secret-file"),
             (["--signature-window", "0"], "--signature-window"),
             (["--signature-window", "abc"], "--signature-window must be a number > 0"),
+            (["--tls-only"], "--tls-only needs a server address with ;transport=tls"),
         ]
         for args, words in cases:
             with self.assertRaises(usage.UsageError, msg=args) as caught:

@@ -17,18 +17,21 @@ from OpenSSL import SSL
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.error import ConnectionDone, ConnectionLost
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from dmq_bus import tap
 from dmq_bus.bus.dispatch import BusConfig
+from dmq_bus.bus.guard import AccessPolicy
 from dmq_bus.bus.nodelist import parseNodeLines
 from dmq_bus.bus.values import DeliveryFailed, Node
 from dmq_bus.peers.echo import EchoPeer
 from dmq_bus.service import DMQService, NodeConfig
 from dmq_bus.sip.address import Address
+from dmq_bus.sip.message import Response
+from dmq_bus.sip.parser import parseMessage
 from dmq_bus.sip.tls import TLSContexts
 from dmq_bus.sip.transport import SIPTransportLayer, TLSRefused, TransportLimits
 from dmq_bus.sip.uri import SIPURI
@@ -87,6 +90,21 @@ class TLSNodesTests(TestCase):
         a, b = allocatePorts(2)
         seed = self.service(a, self.authority.issue(self.directory, "127.0.0.1", "a"))
         joiner = self.service(b, self.authority.issue(self.directory, "127.0.0.1", "b"), a)
+        yield self.joinAndEcho(seed, joiner, 60_000)
+        for service in (seed, joiner):
+            counters = service.stack.transport.counters
+            self.assertEqual(counters["tls.handshake_failed"], 0)
+            self.assertEqual(counters["tls.refused_by_peer"], 0)
+            self.assertEqual(counters["tls.inbound_failed"], 0)
+
+    @inlineCallbacks
+    def joinAndEcho(self, seed: DMQService, joiner: DMQService, size: int) -> Any:
+        """
+        Wait until C{joiner} and C{seed} list each other active, then carry
+        a C{size}-byte message over TLS to an echo peer on C{joiner} and back.
+        """
+        a, b = seed.bus.localNode.uri.port, joiner.bus.localNode.uri.port
+        assert a is not None and b is not None
         joiner.bus.registerPeer(EchoPeer())
         yield waitFor(
             lambda: self.status(seed, b) == "active" and self.status(joiner, a) == "active", 5
@@ -94,13 +112,8 @@ class TLSNodesTests(TestCase):
         target = seed.bus.findNode(str(joiner.bus.localNode.uri))
         assert target is not None
         self.assertEqual(target.transport, "tls")
-        delivery = yield seed.bus.send("echo", target, b"x" * 60_000, "application/octet-stream")
-        self.assertEqual((delivery.code, len(delivery.body)), (200, 60_000))
-        for service in (seed, joiner):
-            counters = service.stack.transport.counters
-            self.assertEqual(counters["tls.handshake_failed"], 0)
-            self.assertEqual(counters["tls.refused_by_peer"], 0)
-            self.assertEqual(counters["tls.inbound_failed"], 0)
+        delivery = yield seed.bus.send("echo", target, b"x" * size, "application/octet-stream")
+        self.assertEqual((delivery.code, delivery.body), (200, b"x" * size))
 
     @inlineCallbacks
     def test_otherAuthorityRefused(self) -> Any:
@@ -176,6 +189,97 @@ class TLSNodesTests(TestCase):
         self.assertEqual(refused.stack.transport.counters["tls.refused_by_peer"], 1)
         self.assertEqual(refused.stack.transactions.counters["client.timeouts"], 0)
         self.assertIsNone(self.status(good, b))
+
+    def tlsOnlyService(self, port: int, name: str, seed: int | None = None) -> DMQService:
+        """A node made from the options, with --tls-only."""
+        files = self.authority.issue(self.directory, "127.0.0.1", name)
+        args = [
+            "--server-address", f"sip:127.0.0.1:{port};transport=tls",
+            "--tls-only",
+            "--tls-certificate", files.certificate,
+            "--tls-key", files.key,
+            "--tls-ca", files.ca,
+            "--ping-interval", "1",
+            "--ping-timeout", "1",
+            "--request-timeout", "3",
+        ]  # fmt: skip
+        if seed is not None:
+            args += ["--notification-address", f"sip:127.0.0.1:{seed};transport=tls"]
+        options = tap.Options()
+        options.parseOptions(args)
+        service = DMQService(
+            NodeConfig(bus=options["busConfig"], tls=options["tlsContexts"]), reactor
+        )
+        service.startService()
+        self.addCleanup(lambda: service.running and service.stopService())
+        return service
+
+    @inlineCallbacks
+    def plainJoin(self, port: int) -> Any:
+        """
+        Send a Kamailio-style join over plain UDP from a raw socket to
+        C{port}; fires with the answer and the socket's port.
+        """
+        answers: Deferred[Response] = Deferred()
+
+        class Catch(DatagramProtocol):
+            def datagramReceived(self, datagram: bytes, addr: Any) -> None:
+                message = parseMessage(datagram)  # the node's own requests are skipped
+                if isinstance(message, Response) and not answers.called:
+                    answers.callback(message)
+
+        catch = Catch()
+        listening = cast(Any, reactor).listenUDP(0, catch, interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        me = listening.getHost().port
+        body = f"sip:127.0.0.1:{me};status=active\r\n".encode()
+        join = (
+            f"KDMQ sip:notification_peer@127.0.0.1:{port} SIP/2.0\r\n"
+            f"Via: SIP/2.0/UDP 127.0.0.1:{me};branch=z9hG4bK-plain-join-{me}\r\n"
+            f"To: <sip:notification_peer@127.0.0.1:{port}>\r\n"
+            f"From: <sip:notification_peer@127.0.0.1:{me}>;tag=plain\r\n"
+            f"CSeq: 10 KDMQ\r\nCall-ID: plain-join-{me}@127.0.0.1\r\n"
+            f"Content-Length: {len(body)}\r\nMax-Forwards: 2\r\n"
+            f"Content-Type: text/plain\r\n\r\n"
+        ).encode() + body
+        listening.write(join, ("127.0.0.1", port))
+        timeout = reactor.callLater(5, answers.cancel)
+        response = yield answers
+        timeout.cancel()
+        return response, me
+
+    @inlineCallbacks
+    def test_tlsOnly(self) -> Any:
+        """
+        Two nodes with --tls-only form a bus over TLS and carry a message;
+        a join sent over plain UDP to the seed's port (it listens on UDP
+        too) is answered C{403 Forbidden: TLS Required}, counted, and the
+        sender is not listed.
+        """
+        a, b = allocatePorts(2)
+        seed = self.tlsOnlyService(a, "a")
+        joiner = self.tlsOnlyService(b, "b", a)
+        yield self.joinAndEcho(seed, joiner, 1000)
+        response, me = yield self.plainJoin(a)
+        self.assertEqual((response.code, response.reason), (403, "Forbidden: TLS Required"))
+        self.assertIsNone(self.status(seed, me))
+        self.assertEqual(sorted(n.uri.port for n in seed.bus.nodes()), sorted([a, b]))
+        for service in (seed, joiner):
+            self.assertEqual(
+                service.bus.counters["in.forbidden.not_tls"], 1 if service is seed else 0
+            )
+
+    @inlineCallbacks
+    def test_plainJoinWithoutTLSOnly(self) -> Any:
+        """
+        Without --tls-only the same plain UDP join to a TLS node is
+        accepted, and the sender is listed (what --tls-only closes).
+        """
+        (a,) = allocatePorts(1)
+        node = self.service(a, self.authority.issue(self.directory, "127.0.0.1", "open"))
+        response, me = yield self.plainJoin(a)
+        self.assertEqual(response.code, 200)
+        self.assertEqual(self.status(node, me), "active")
 
     def strangerTrustingBus(self) -> NodeFiles:
         """A certificate of another CA, with the bus's CA as the trusted bundle."""
@@ -360,3 +464,69 @@ class TLSOptionsTests(SynchronousTestCase):
         error = self.refused("--notification-address", "sips:127.0.0.9:5071")
         self.assertIn("--notification-address: sips: is not supported: Kamailio 5.6.3's DMQ", error)
         self.assertIn("write sip:127.0.0.9:5071;transport=tls", error)
+
+    def tlsOnly(self, *args: str) -> list[str]:
+        return [
+            "--tls-only",
+            "--tls-certificate", self.files.certificate,
+            "--tls-key", self.files.key,
+            "--tls-ca", self.files.ca,
+            *args,
+        ]  # fmt: skip
+
+    def test_tlsOnly(self) -> None:
+        """--tls-only with a tls server address and the TLS files: a TLS-only node."""
+        options = tap.Options()
+        options.parseOptions(
+            self.tlsOnly(
+                "--server-address", "sip:127.0.0.1:5061;transport=tls",
+                "--notification-address", "sip:127.0.0.9:5061;transport=tls",
+            )
+        )  # fmt: skip
+        self.assertTrue(options["busConfig"].access.tlsOnly)
+        service = tap.makeService(options)
+        assert isinstance(service, DMQService)
+        self.assertTrue(service.config.bus.access.tlsOnly)
+
+    def test_tlsOnlyNeedsTLSServerAddress(self) -> None:
+        """--tls-only on a UDP or TCP server address is refused, naming the option."""
+        for address in ("sip:127.0.0.1:5061", "sip:127.0.0.1:5061;transport=tcp"):
+            error = self.refused(*self.tlsOnly("--server-address", address))
+            self.assertIn(
+                f"--tls-only needs a server address with ;transport=tls, not {address}", error
+            )
+
+    def test_tlsOnlyNeedsTLSSettings(self) -> None:
+        """--tls-only without the TLS files is refused, naming what is missing."""
+        error = self.refused("--tls-only", "--server-address", "sip:127.0.0.1:5061;transport=tls")
+        self.assertIn("--tls-only needs --tls-certificate, --tls-key, --tls-ca", error)
+        error = self.refused(
+            "--tls-only", "--server-address", "sip:127.0.0.1:5061;transport=tls",
+            "--tls-certificate", self.files.certificate,
+        )  # fmt: skip
+        self.assertIn("--tls-only needs --tls-key, --tls-ca", error)
+
+    def test_tlsOnlyNeedsTLSSeeds(self) -> None:
+        """A seed that is not ;transport=tls is refused with --tls-only."""
+        error = self.refused(
+            *self.tlsOnly(
+                "--server-address", "sip:127.0.0.1:5061;transport=tls",
+                "--notification-address", "sip:127.0.0.9:5060",
+            )
+        )  # fmt: skip
+        self.assertIn("--tls-only: seed sip:127.0.0.9:5060 is not ;transport=tls", error)
+
+    def test_serviceRefusesTLSOnlyWithoutTLS(self) -> None:
+        """From Python too, a TLS-only node needs a tls server address and TLS settings."""
+        access = AccessPolicy(tlsOnly=True)
+        plain = BusConfig(serverAddress=SIPURI.parse("sip:127.0.0.1:5061"), access=access)
+        tls = BusConfig(
+            serverAddress=SIPURI.parse("sip:127.0.0.1:5061;transport=tls"), access=access
+        )
+        with self.assertRaises(ValueError) as caught:
+            DMQService(NodeConfig(bus=plain, tls=contexts(self.files)), reactor)
+        self.assertIn(";transport=tls", str(caught.exception))
+        with self.assertRaises(ValueError) as caught:
+            DMQService(NodeConfig(bus=tls), reactor)
+        self.assertIn("TLS settings", str(caught.exception))
+        DMQService(NodeConfig(bus=tls, tls=contexts(self.files)), reactor)

@@ -1,6 +1,6 @@
 """
-Who may take part in a bus: source networks, known nodes, and requests
-signed with a shared secret.
+Who may take part in a bus: requests over TLS only, source networks,
+known nodes, and requests signed with a shared secret.
 
 Kamailio 5.6.3 lets any host that reaches its DMQ port join the bus or
 write to its tables. This module holds the access policy of a dmq-bus node
@@ -138,6 +138,13 @@ class AccessPolicy:
         that carries a bad signature is refused wherever it comes from.
     @ivar signatureWindow: see L{DEFAULT_SIGNATURE_WINDOW}.
     @ivar replayCacheSize: see L{DEFAULT_REPLAY_CACHE_SIZE}.
+    @ivar tlsOnly: requests must arrive over TLS (their origin's transport
+        is C{tls}: a connection whose peer presented a certificate the CA
+        bundle verifies); others, over UDP or plain TCP, get C{403}
+        (C{in.forbidden.not_tls}). Checked first. Answers to our own
+        requests are not concerned. The node's own server address must
+        then be C{;transport=tls} (checked by L{dmq_bus.service.DMQService}
+        and the options).
     """
 
     allowNetworks: tuple[Network, ...] = attrs.field(default=(), validator=_checkNetworks)
@@ -146,6 +153,7 @@ class AccessPolicy:
     unsignedFrom: tuple[Network, ...] = attrs.field(default=(), validator=_checkNetworks)
     signatureWindow: float = DEFAULT_SIGNATURE_WINDOW
     replayCacheSize: int = DEFAULT_REPLAY_CACHE_SIZE
+    tlsOnly: bool = False
 
     def __attrs_post_init__(self) -> None:
         if self.secret is not None and len(self.secret) < MIN_SECRET_LENGTH:
@@ -160,7 +168,12 @@ class AccessPolicy:
     @property
     def isOpen(self) -> bool:
         """Whether this policy accepts everything and signs nothing (the default)."""
-        return not self.allowNetworks and not self.knownNodesOnly and self.secret is None
+        return (
+            not self.allowNetworks
+            and not self.knownNodesOnly
+            and self.secret is None
+            and not self.tlsOnly
+        )
 
 
 @attrs.frozen
@@ -176,6 +189,7 @@ class Refusal:
     detail: str
 
 
+FORBIDDEN_NOT_TLS = Refusal(403, "Forbidden: TLS Required", "in.forbidden.not_tls", "not over TLS")
 FORBIDDEN_NETWORK = Refusal(403, "Forbidden", "in.forbidden.network", "source not allowed")
 FORBIDDEN_UNKNOWN_NODE = Refusal(
     403, "Forbidden", "in.forbidden.unknown_node", "sender is not an active node"
@@ -309,9 +323,12 @@ class Guard:
 
     def admit(self, request: Request, origin: Origin | None) -> Admission:
         """
-        Whether C{request} from C{origin} may go on: the network rule, then
-        (with a secret) the signature. Counts and logs a refusal.
+        Whether C{request} from C{origin} may go on: the transport (with
+        C{tlsOnly}), the network rule, then (with a secret) the signature.
+        Counts and logs a refusal.
         """
+        if self.policy.tlsOnly and (origin is None or origin.address.transport != "tls"):
+            return self.refuse(FORBIDDEN_NOT_TLS, request, origin)
         host = origin.address.host if origin is not None else None
         if self._allowed is not None and host not in self._allowed:
             return self.refuse(FORBIDDEN_NETWORK, request, origin)
