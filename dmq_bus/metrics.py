@@ -163,8 +163,15 @@ FAMILIES: tuple[FamilySpec, ...] = (
            exact("notification.nodes_disabled", change="disabled"),
            exact("notification.nodes_removed", change="removed")),
     family("dmq_requests_forbidden_total", COUNTER,
-           "Requests refused with 403 by membership control, by reason (network, "
+           "Requests refused with 403 by membership control, by reason (not_tls, network, "
            "unknown_node, unsigned, bad_signature, stale, replayed).",
+           exact("in.forbidden.not_tls", reason="not_tls"),
+           exact("in.forbidden.network", reason="network"),
+           exact("in.forbidden.unknown_node", reason="unknown_node"),
+           exact("in.forbidden.unsigned", reason="unsigned"),
+           exact("in.forbidden.bad_signature", reason="bad_signature"),
+           exact("in.forbidden.stale", reason="stale"),
+           exact("in.forbidden.replayed", reason="replayed"),
            matching(r"in\.forbidden\.(?P<reason>[a-z_]+)")),
     family("dmq_discovery_events_total", COUNTER,
            "DNS seed discovery: resolutions, failures, seeds added and dropped, truncations.",
@@ -320,6 +327,15 @@ FAMILIES: tuple[FamilySpec, ...] = (
     family("dmq_sip_tcp_headers_too_long_total", COUNTER,
            "TCP connections closed because a header block exceeded its limit.",
            exact("tcp.headers_too_long")),
+    family("dmq_sip_tls_failures_total", COUNTER,
+           "TLS connections that failed, by reason: handshake_failed (outgoing: the "
+           "handshake failed or stalled, e.g. the peer's certificate was refused), "
+           "refused_by_peer (outgoing: the peer closed it with an alert after the "
+           "handshake, e.g. it refused our certificate), inbound_failed (incoming: ended "
+           "by a TLS error, e.g. a certificate we refused).",
+           exact("tls.handshake_failed", reason="handshake_failed"),
+           exact("tls.refused_by_peer", reason="refused_by_peer"),
+           exact("tls.inbound_failed", reason="inbound_failed")),
     # -- replicated tables (dmq_bus/peers/htable.py) -------------------------------------
     family("dmq_htable_cells", GAUGE,
            "Live cells per table."),

@@ -10,6 +10,8 @@ writer's escaping.
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -17,6 +19,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.test.requesthelper import DummyRequest
 
 from dmq_bus import __version__, metrics
+from dmq_bus.bus import guard
+from dmq_bus.bus.guard import AccessPolicy
 from dmq_bus.bus.values import NodeStatus
 from dmq_bus.control import ControlAPI, MetricsResource
 from dmq_bus.metrics import (
@@ -33,6 +37,7 @@ from dmq_bus.metrics import (
     render,
 )
 from dmq_bus.peers.echo import EchoPeer
+from dmq_bus.sip import transport
 from dmq_bus.testing import MemoryNetwork
 
 from .test_control import MemoryHashTable, MemoryHashTables
@@ -236,6 +241,13 @@ class TableTests(SynchronousTestCase):
             ("membership.removed", "dmq_membership_changes_total", (("change", "removed"),)),
             ("transactions.server_open", "dmq_sip_transactions_open", (("side", "server"),)),
             ("htable.sync.cells_skipped", "dmq_htable_sync_cells_total", (("result", "skipped"),)),
+            ("in.forbidden.not_tls", "dmq_requests_forbidden_total", (("reason", "not_tls"),)),
+            ("in.forbidden.later", "dmq_requests_forbidden_total", (("reason", "later"),)),
+            (
+                "tls.refused_by_peer",
+                "dmq_sip_tls_failures_total",
+                (("reason", "refused_by_peer"),),
+            ),
             ("no.such", "dmq_counter_total", (("name", "no.such"),)),
         ]:
             spec, got = counterMap.classify(name)
@@ -306,3 +318,110 @@ class HealthFamilyTests(SynchronousTestCase):
 
         families = {f.spec.name: f for f in metrics.collect({"health.probes": 7})}
         self.assertEqual(families["dmq_health_events_total"].samples, [((("event", "probes"),), 7)])
+
+
+class AccessAndTLSFamilyTests(SynchronousTestCase):
+    """
+    Membership-control refusals and TLS failures have their own families,
+    every reason exported from the start at 0.
+    """
+
+    def test_everyRefusalHasItsReason(self) -> None:
+        """Every 403 reason of the guard is an exact row of dmq_requests_forbidden_total."""
+        refusals = [v for v in vars(guard).values() if isinstance(v, guard.Refusal)]
+        forbidden = [r for r in refusals if r.code == 403]
+        self.assertIn(guard.FORBIDDEN_NOT_TLS, forbidden)
+        exactNames = CounterMap().exactNames()
+        for refusal in forbidden:
+            spec, labels = exactNames[refusal.counter]
+            reason = refusal.counter.removeprefix("in.forbidden.")
+            self.assertEqual(
+                (spec.name, labels), ("dmq_requests_forbidden_total", (("reason", reason),))
+            )
+
+    def test_everyTLSCounterHasAFamily(self) -> None:
+        """Every tls.* counter the transport counts is an exact row of dmq_sip_tls_failures_total."""
+        source = Path(transport.__file__).read_text(encoding="utf-8")
+        names = set(re.findall(r'counters\["(tls\.[a-z_]+)"\]', source))
+        self.assertEqual(
+            names, {"tls.handshake_failed", "tls.refused_by_peer", "tls.inbound_failed"}
+        )
+        exactNames = CounterMap().exactNames()
+        for name in names:
+            spec, labels = exactNames[name]
+            self.assertEqual(
+                (spec.name, labels),
+                ("dmq_sip_tls_failures_total", (("reason", name.removeprefix("tls.")),)),
+            )
+
+    def test_zeroFromTheStart(self) -> None:
+        """Before anything is refused or fails, every reason shows 0."""
+        _, samples = parse(render(collect({})))
+        self.assertEqual(
+            samples["dmq_sip_tls_failures_total"],
+            {
+                (("reason", r),): 0
+                for r in ("handshake_failed", "refused_by_peer", "inbound_failed")
+            },
+        )
+        self.assertEqual(samples["dmq_requests_forbidden_total"][(("reason", "not_tls"),)], 0)
+        self.assertEqual(len(samples["dmq_requests_forbidden_total"]), 7)
+
+    def test_notTLSRefusalScraped(self) -> None:
+        """
+        A TLS-only node refuses a message that arrives over (in-memory)
+        UDP: /metrics shows it as dmq_requests_forbidden_total{reason="not_tls"}.
+        """
+        network = MemoryNetwork()
+        only = network.addNode("127.0.0.1", start=False, access=AccessPolicy(tlsOnly=True))
+        sender = network.addNode("127.0.0.2", start=False)
+        d = sender.bus.send("echo", only.bus.localNode, b"x", "text/plain")
+        network.run(0.1)
+        self.assertEqual(self.successResultOf(d).code, 403)
+        api = ControlAPI(only.bus, None, only.stack.stats)
+        request = DummyRequest([b"metrics"])
+        _, samples = parse(MetricsResource(api).render_GET(request))  # type: ignore[arg-type]
+        forbidden = samples["dmq_requests_forbidden_total"]
+        self.assertEqual(forbidden[(("reason", "not_tls"),)], 1)
+        self.assertEqual(forbidden[(("reason", "network"),)], 0)
+        self.assertNotIn("dmq_counter_total", samples)
+
+
+OPERATING = Path(__file__).parent.parent / "docs" / "operating.md"
+
+
+def familyLabels(spec: FamilySpec) -> list[str]:
+    """The label names of a family's counter sources, in order of appearance."""
+    names: list[str] = []
+    for source in spec.sources:
+        for name in [n for n, _ in source.labels] + list(
+            source.pattern.groupindex if source.regex else ()
+        ):
+            if name not in names:
+                names.append(name)
+    return names
+
+
+class DocumentationTableTests(SynchronousTestCase):
+    """The table of families in docs/operating.md says what FAMILIES says."""
+
+    def test_tableMatchesFamilies(self) -> None:
+        """
+        One row per family, in table order, then dmq_counter_total: name,
+        type, help text, and (for families made of counters) the labels.
+        """
+        text = OPERATING.read_text(encoding="utf-8")
+        start = text.index("Every family (generated from `dmq_bus.metrics.FAMILIES`):")
+        rows = []
+        for line in text[start:].splitlines()[4:]:
+            if not line.startswith("| `dmq_"):
+                break
+            rows.append([cell.strip() for cell in line.strip("|").split(" | ")])
+        specs = (*FAMILIES, GENERIC)
+        self.assertEqual([r[0] for r in rows], [f"`{spec.name}`" for spec in specs])
+        for (name, kind, labels, meaning), spec in zip(rows, specs):
+            self.assertEqual((kind, meaning), (spec.type, spec.help), name)
+            if spec.sources:
+                self.assertEqual(
+                    labels, ", ".join(f"`{label}`" for label in familyLabels(spec)), name
+                )
