@@ -12,7 +12,9 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
+from dmq_bus.bus.values import Node, NodeStatus
 from dmq_bus.peers.htable import HashTable, HTableLimits, HTablePeer, TableSpec, syncWinner
+from dmq_bus.sip.uri import SIPURI
 from dmq_bus.testing import MemoryNetwork, MemoryNode
 
 FAST: dict[str, Any] = {"pingInterval": 1.0, "pingTimeout": 1.0}
@@ -61,12 +63,17 @@ def runUntil(network: MemoryNetwork, done: Any, limit: float, step: float = 0.1)
 def freeze(network: MemoryNetwork, node: MemoryNode) -> None:
     """Like SIGSTOP: the node's datagrams are lost both ways, its timers keep running."""
     network.detach(node.endpoint)
+    # detach() only stops what comes in; a stopped process sends nothing either
+    transport: Any = node.protocol.transport
+    transport.write = lambda packet, addr=None: None
 
 
 def thaw(network: MemoryNetwork, node: MemoryNode) -> None:
     """Like SIGCONT: the node is on the network again, with the state it had."""
     # MemoryNetwork has no public re-attach; its endpoint table is the one place.
     network._protocols[node.endpoint] = node.protocol
+    transport: Any = node.protocol.transport
+    del transport.write
 
 
 class PartitionTests(SynchronousTestCase):
@@ -108,6 +115,47 @@ class PartitionTests(SynchronousTestCase):
         self.network.run(2 * PING)
         self.assertEqual([n.statuses() for n in self.nodes], before)
         self.assertEqual(len(before[0]), 5)
+
+    def oldFailureAfterHeal(self, pinger: MemoryNode, target: MemoryNode, before: str) -> None:
+        """
+        While partitioned, C{pinger} pings C{target} (listed C{before});
+        the ping and its retransmission are lost. The partition heals, and
+        C{target} sends C{pinger} a request of its own, which makes it
+        active there at once. Then the old ping times out: C{target} must
+        stay active (the failure is older than the proof of life).
+        """
+        here = pinger.bus.findNode(target.uri)
+        assert here is not None
+        self.assertEqual(here.status.word, before)
+        pinger.stack.notification._notify(here, 1, tracked=False)
+        self.network.run(FAST["pingTimeout"] * 0.6)  # after its retransmission at T1 = 0.5 s
+        self.network.heal()
+        there = Node.fromURI(SIPURI.parse(pinger.uri), NodeStatus.ACTIVE)
+        target.stack.notification._notify(there, 1, tracked=False)
+        self.network.run(0.01)
+        self.assertEqual(pinger.statuses().get(target.uri), "active")
+        self.network.run(FAST["pingTimeout"] * 0.5)  # the old ping has timed out
+        self.assertEqual(pinger.statuses().get(target.uri), "active")
+        self.assertGreater(pinger.bus.counters["notification.stale_failures_ignored"], 0)
+
+    def test_oldFailureDoesNotSendRevivedSeedBackToPending(self) -> None:
+        """
+        The seed, pending on the minority during the partition, revived
+        there by its own request after the heal, is not put back to
+        pending by a ping the minority sent it before the heal.
+        """
+        self.split()
+        self.oldFailureAfterHeal(self.right[0], self.nodes[0], "pending")
+
+    def test_oldFailureDoesNotRemoveRevivedNode(self) -> None:
+        """
+        A node disabled during the partition and revived by its own request
+        after the heal is not removed (and held out for C{removedHold}) by
+        a ping sent to it while it was disabled.
+        """
+        self.network.partition(self.left, self.right)
+        runUntil(self.network, lambda: self.left[0].statuses()[self.right[0].uri] == "disabled", 10)
+        self.oldFailureAfterHeal(self.left[0], self.right[0], "disabled")
 
     def test_writesOnBothSidesEverywhereAfterHeal(self) -> None:
         """

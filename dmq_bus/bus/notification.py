@@ -58,7 +58,10 @@ class NotificationPeer:
     pending if R is a configured seed (and, unlike 5.6.3, lets only R's own
     200 make it active again, so that gossip cannot flap it), removes R if R was already disabled
     when that request was sent, and disables R otherwise. Other answers
-    change nothing.
+    change nothing. Unlike 5.6.3, a failure is ignored when R became
+    active after that request was sent (R's own answer or request
+    revived it meanwhile; gossip cannot revive a disabled or held node):
+    it is news about R from before then.
     """
 
     log = Logger()
@@ -79,11 +82,14 @@ class NotificationPeer:
         self._seeds = list(self._configuredSeeds)
         self._seedKeys = {seed.key for seed in self._seeds}
         self._outstanding: set[NodeKey] = set()
+        # node -> clock time it last became active (see _nodeFailed)
+        self._activeSince: dict[NodeKey, float] = {}
         self._loop: LoopingCall | None = None
         self.joined = False
         self.leaving = False
         self.health = HealthMonitor(bus, clock, self._healthFailed)
         self.nodeList.addObserver(self._greet)
+        self.nodeList.addObserver(self._noteActive)
 
     def configureHealth(self, config: HealthConfig) -> None:
         """Use C{config} for failure detection between dmq-bus nodes (before L{start})."""
@@ -202,6 +208,7 @@ class NotificationPeer:
 
     def _notify(self, node: Node, maxForwards: int, *, tracked: bool) -> None:
         statusAtSend = node.status
+        sentAt = self.clock.seconds()
         coveredAtSend = self.health.covers(node)
         key = node.key
         if tracked:
@@ -217,14 +224,14 @@ class NotificationPeer:
         d.addCallbacks(
             self._answered,
             self._failed,
-            callbackArgs=(coveredAtSend,),
-            errbackArgs=(node, statusAtSend, coveredAtSend),
+            callbackArgs=(coveredAtSend, sentAt),
+            errbackArgs=(node, statusAtSend, coveredAtSend, sentAt),
         )
         if tracked:
             d.addBoth(lambda _: self._outstanding.discard(key))
         d.addErrback(lambda f: self.log.failure("handling a notification answer failed", f))
 
-    def _answered(self, delivery: Delivery, covered: bool = False) -> None:
+    def _answered(self, delivery: Delivery, covered: bool = False, sentAt: float = 0.0) -> None:
         if self.leaving:
             return
         if delivery.code == 200:
@@ -238,23 +245,38 @@ class NotificationPeer:
             self.nodeList.merge(parseNodeLines(delivery.body, self.counters))
             self._runJoinHooks()
         elif delivery.code == 408:
-            self._nodeFailed(delivery.node, delivery.node.status, covered)
+            self._nodeFailed(delivery.node, delivery.node.status, covered, sentAt)
         else:
             self.counters[f"notification.answers_ignored.{delivery.code}"] += 1
 
     def _failed(
-        self, failure: Failure, node: Node, statusAtSend: NodeStatus, covered: bool = False
+        self,
+        failure: Failure,
+        node: Node,
+        statusAtSend: NodeStatus,
+        covered: bool = False,
+        sentAt: float = 0.0,
     ) -> None:
         if self.leaving:
             return
         error = failure.value
         if isinstance(error, DeliveryFailed) and error.code == 408:
-            self._nodeFailed(node, statusAtSend, covered)
+            self._nodeFailed(node, statusAtSend, covered, sentAt)
         else:
             self.counters["notification.local_failures"] += 1
 
-    def _nodeFailed(self, node: Node, statusAtSend: NodeStatus, covered: bool = False) -> None:
+    def _nodeFailed(
+        self, node: Node, statusAtSend: NodeStatus, covered: bool = False, sentAt: float = 0.0
+    ) -> None:
         key = node.key
+        became = self._activeSince.get(key)
+        if became is not None and became > sentAt:
+            # R became active after this request went out: the failure is
+            # old news. Judged anyway, it put a seed revived by its own
+            # request after a heal back to pending until our next ping, and
+            # removed a disabled node that had come back meanwhile.
+            self.counters["notification.stale_failures_ignored"] += 1
+            return
         if covered:
             # a dmq-bus node that was active: the health monitor judges it.
             # Our own failed ping is evidence enough to start a suspicion
@@ -281,6 +303,14 @@ class NotificationPeer:
             if self.nodeList.setStatus(key, NodeStatus.DISABLED) is not None:
                 self.counters["notification.nodes_disabled"] += 1
                 self.log.debug("node {node} disabled: no answer", node=str(node))
+
+    def _noteActive(self, event: MembershipEvent) -> None:
+        """Remember when each node last became active (see L{_nodeFailed})."""
+        key = event.node.key
+        if event.change is MembershipChange.REMOVED:
+            self._activeSince.pop(key, None)
+        elif event.node.status is NodeStatus.ACTIVE and event.previous is not NodeStatus.ACTIVE:
+            self._activeSince[key] = self.clock.seconds()
 
     def _greet(self, event: MembershipEvent) -> None:
         """
