@@ -210,10 +210,7 @@ class Options(usage.Options):
         self["known-nodes-only"] = True
 
     def opt_tls_only(self) -> None:
-        """
-        Refuse (403) every request that does not arrive over TLS; needs a
-        ;transport=tls server address and the --tls-* options. [default: off]
-        """
+        """Answer 403 to every request not over TLS (needs a tls server address, --tls-*)."""
         self["tls-only"] = True
 
     def opt_unsigned_from(self, value: str) -> None:
