@@ -12,7 +12,8 @@ from typing import Any
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from dmq_bus.bus.values import Node, NodeStatus
+from dmq_bus.bus.nodelist import parseNodeLines
+from dmq_bus.bus.values import MembershipChange, Node, NodeStatus
 from dmq_bus.peers.htable import HashTable, HTableLimits, HTablePeer, TableSpec, syncWinner
 from dmq_bus.sip.uri import SIPURI
 from dmq_bus.testing import MemoryNetwork, MemoryNode
@@ -115,6 +116,70 @@ class PartitionTests(SynchronousTestCase):
         self.network.run(2 * PING)
         self.assertEqual([n.statuses() for n in self.nodes], before)
         self.assertEqual(len(before[0]), 5)
+
+    def test_healedWithinPingPeriodsNotTheHold(self) -> None:
+        """
+        Once each side has removed the other (and holds them back from
+        gossip for C{removedHold}), a heal still brings every node back on
+        every list within a few ping periods, not at the end of the hold:
+        a node that sees a removed node listed active asks it directly
+        (a knock), and its answer lists it again on both ends.
+        """
+        self.split()
+        for node in self.left:
+            self.assertFalse({n.uri for n in self.right} & set(node.statuses()))
+        took = self.healAndSettle()
+        self.assertTrue(allActive(self.nodes), [n.statuses() for n in self.nodes])
+        self.assertLessEqual(took, 3 * PING)
+        knocks = sum(n.bus.counters["notification.knocks_answered"] for n in self.nodes)
+        self.assertGreater(knocks, 0)
+
+    def test_nodeDeadOnTheOtherSideNotReadded(self) -> None:
+        """
+        A node that dies on the other side just as the partition heals is
+        still listed active by its side for a moment; the knocks it gets
+        go unanswered, so nobody lists it again (no ghost), and the four
+        live nodes list each other active.
+        """
+        self.split()
+        dead, live = self.nodes[4], self.nodes[:4]
+        added: list[str] = []
+        for node in self.left:
+            node.bus.addMembershipObserver(
+                lambda e: (
+                    added.append(str(e.node.uri)) if e.change is MembershipChange.ADDED else None
+                )
+            )
+        dead.crash()
+        self.network.heal()
+        runUntil(self.network, lambda: allActive(live), HOLD)
+        self.network.run(10 * PING)
+        self.assertTrue(allActive(live), [n.statuses() for n in live])
+        self.assertIn(self.nodes[3].uri, added)
+        self.assertNotIn(dead.uri, added)
+        self.assertGreater(sum(n.bus.counters["notification.knocks_sent"] for n in self.left), 0)
+        self.assertEqual(sum(n.bus.counters["notification.knocks_answered"] for n in self.left), 0)
+
+    def test_knocksRateLimited(self) -> None:
+        """
+        However often lists name a removed node as active, it is knocked
+        at most once per ping interval by each node.
+        """
+        self.split()
+        notification = self.nodes[0].stack.notification
+        lines = parseNodeLines(f"{self.right[0].uri};status=active\r\n".encode())
+        counters = self.nodes[0].bus.counters
+        sent = counters["notification.knocks_sent"]
+        for _ in range(5):
+            notification._knockBuried(lines)
+        self.assertEqual(counters["notification.knocks_sent"], sent + 1)
+        self.network.run(PING / 2)
+        notification._knockBuried(lines)
+        self.assertEqual(counters["notification.knocks_sent"], sent + 1)
+        self.network.run(PING / 2)
+        notification._knockBuried(lines)
+        self.assertEqual(counters["notification.knocks_sent"], sent + 2)
+        self.assertNotIn(self.right[0].uri, self.nodes[0].statuses())
 
     def oldFailureAfterHeal(self, pinger: MemoryNode, target: MemoryNode, before: str) -> None:
         """

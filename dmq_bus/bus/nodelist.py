@@ -322,7 +322,8 @@ class NodeList:
         """
         Remove non-local node C{key}; returns the removed entry or None.
         With C{hold} > 0 (seconds), received lists cannot re-add it for that
-        long: only a message from the node itself can (see L{forgive}). This
+        long: only a message from the node itself can (see L{forgive}), or
+        its answer to a knock of the notification peer. This
         ends Kamailio's ghost nodes (issue #1840), where a dead node is
         re-added from a slower node's list.
         """
@@ -347,8 +348,16 @@ class NodeList:
         """Node C{key} contacted us itself: lift any hold on re-adding it."""
         self._tombstones.pop(key)
 
+    def isBuried(self, key: NodeKey) -> bool:
+        """
+        Whether node C{key} was removed with a hold that is not over, so
+        that received lists cannot re-add it (nothing is counted).
+        """
+        clock = self._clock
+        return clock is not None and self._tombstones.get(key, clock.seconds()) is not None
+
     def _buried(self, key: NodeKey) -> bool:
-        if self._clock is None or self._tombstones.get(key, self._clock.seconds()) is None:
+        if not self.isBuried(key):
             return False
         self.counters["nodelist.ghosts_ignored"] += 1
         return True

@@ -23,7 +23,7 @@ from dmq_bus.bus.health import (
     isDMQBusName,
     isHealthMessage,
 )
-from dmq_bus.bus.nodelist import NodeLine, parseNodeLines
+from dmq_bus.bus.nodelist import Deadlines, NodeLine, parseNodeLines
 from dmq_bus.bus.values import (
     Delivery,
     DeliveryFailed,
@@ -62,6 +62,11 @@ class NotificationPeer:
     active after that request was sent (R's own answer or request
     revived it meanwhile; gossip cannot revive a disabled or held node):
     it is news about R from before then.
+
+    A node removed for not answering is held back from gossip for
+    C{removedHold} (no ghosts); when a received list names it as active,
+    it is asked directly instead (a knock, L{_knockBuried}), so that the
+    two sides of a healed partition list each other again at once.
     """
 
     log = Logger()
@@ -84,6 +89,8 @@ class NotificationPeer:
         self._outstanding: set[NodeKey] = set()
         # node -> clock time it last became active (see _nodeFailed)
         self._activeSince: dict[NodeKey, float] = {}
+        # removed nodes knocked at lately, until when (see _knockBuried)
+        self._knocked: Deadlines[NodeKey] = Deadlines()
         self._loop: LoopingCall | None = None
         self.joined = False
         self.leaving = False
@@ -213,14 +220,7 @@ class NotificationPeer:
         key = node.key
         if tracked:
             self._outstanding.add(key)
-        d = self.bus.send(
-            self.channel,
-            node,
-            self.nodeList.body(),
-            TEXT_PLAIN,
-            maxForwards,
-            timeout=self.bus.config.pingTimeout,
-        )
+        d = self._sendList(node, maxForwards)
         d.addCallbacks(
             self._answered,
             self._failed,
@@ -230,6 +230,17 @@ class NotificationPeer:
         if tracked:
             d.addBoth(lambda _: self._outstanding.discard(key))
         d.addErrback(lambda f: self.log.failure("handling a notification answer failed", f))
+
+    def _sendList(self, node: Node, maxForwards: int) -> Deferred[Delivery]:
+        """Send our node list to C{node}, waiting C{pingTimeout} for the answer."""
+        return self.bus.send(
+            self.channel,
+            node,
+            self.nodeList.body(),
+            TEXT_PLAIN,
+            maxForwards,
+            timeout=self.bus.config.pingTimeout,
+        )
 
     def _answered(self, delivery: Delivery, covered: bool = False, sentAt: float = 0.0) -> None:
         if self.leaving:
@@ -242,7 +253,9 @@ class NotificationPeer:
                 # node that already knew us from our greeting would not
                 # greet back, and we would never learn it runs dmq-bus
                 self.nodeList.markDMQBus(delivery.node.key)
-            self.nodeList.merge(parseNodeLines(delivery.body, self.counters))
+            lines = parseNodeLines(delivery.body, self.counters)
+            self.nodeList.merge(lines)
+            self._knockBuried(lines)
             self._runJoinHooks()
         elif delivery.code == 408:
             self._nodeFailed(delivery.node, delivery.node.status, covered, sentAt)
@@ -303,6 +316,45 @@ class NotificationPeer:
             if self.nodeList.setStatus(key, NodeStatus.DISABLED) is not None:
                 self.counters["notification.nodes_disabled"] += 1
                 self.log.debug("node {node} disabled: no answer", node=str(node))
+
+    def _knockBuried(self, lines: Iterable[NodeLine]) -> None:
+        """
+        For every line that names as active a node we removed and still
+        hold back from gossip (L{NodeList.isBuried}), ask that node itself
+        with one notification (a knock), rather than believe the list or
+        wait out the hold (C{removedHold}, 120 s). A node back from the
+        other side of a healed partition answers: its own 200 lists it here
+        again at once, and our request lists us there. A dead node (the
+        ghost of Kamailio issue #1840) does not answer and stays out. At
+        most one knock per node per C{pingInterval}.
+        """
+        if self.leaving or self._loop is None:
+            return
+        now = self.clock.seconds()
+        for line in lines:
+            key = line.key
+            if line.status is not NodeStatus.ACTIVE or not self.nodeList.isBuried(key):
+                continue
+            if self._knocked.get(key, now) is not None:
+                continue
+            self._knocked.set(key, now + self.bus.config.pingInterval, now)
+            self._knock(Node.fromURI(line.uri, NodeStatus.ACTIVE))
+
+    def _knock(self, node: Node) -> None:
+        """Send our list to removed node C{node}; list it again if it answers 200 itself."""
+        self.counters["notification.knocks_sent"] += 1
+        d = self._sendList(node, PING_MAX_FORWARDS)
+
+        def answered(delivery: Delivery) -> None:
+            if self.leaving or delivery.code != 200:
+                return
+            self.counters["notification.knocks_answered"] += 1
+            self.nodeList.forgive(node.key)
+            self.nodeList.add(node)
+            self._answered(delivery)
+
+        d.addCallbacks(answered, lambda _: None)
+        d.addErrback(lambda f: self.log.failure("handling the answer to a knock failed", f))
 
     def _noteActive(self, event: MembershipEvent) -> None:
         """Remember when each node last became active (see L{_nodeFailed})."""
@@ -391,6 +443,7 @@ class NotificationPeer:
             self.nodeList.forgive(senderKey)
         lines = parseNodeLines(message.body, self.counters)
         changed = self.nodeList.merge(lines)
+        self._knockBuried(lines)
         if senderKey is not None:
             # after the merge, so that a joining node's first message counts too
             self.nodeList.touch(senderKey, self.clock.seconds())
