@@ -377,6 +377,7 @@ def soakPhase(soak: Soak, args: argparse.Namespace) -> list[str]:
                 f"{d.get('health.probes', 0):.0f}",
                 f"{d.get('health.indirect_rounds', 0):.0f}",
                 f"{d.get('health.suspicions', 0):.0f}",
+                sum(1 for t, what, _ in m.health if what == "suspect-own" and began <= t),
                 f"{d.get('health.suspicions_refuted', 0):.0f}",
                 f"{d.get('health.refutations_sent', 0):.0f}",
                 f"{d.get('health.nodes_failed', 0):.0f}",
@@ -395,6 +396,7 @@ def soakPhase(soak: Soak, args: argparse.Namespace) -> list[str]:
                 "probes",
                 "indirect",
                 "suspicions",
+                "started",
                 "refuted",
                 "refutations",
                 "failed",
@@ -407,7 +409,8 @@ def soakPhase(soak: Soak, args: argparse.Namespace) -> list[str]:
         )
     )
     print(
-        "  suspicions: suspicions this node started or was told of; refuted: ended by an answer "
+        "  suspicions: suspicions this node started or was told of (started: after its own probe "
+        "of the node failed, direct and indirect); refuted: ended by an answer "
         "or message from the suspect; refutations: 'alive' rounds this node sent about itself; "
         "failed: suspicions that ran out (should be 0 while all live). CPU wait: seconds runnable "
         "but waiting for a CPU; late 100/250: lag-probe timers run >= 100 / 250 ms late."
@@ -528,22 +531,28 @@ def crashPhase(soak: Soak, args: argparse.Namespace) -> list[str]:
     )
     for number, crash in enumerate(soak.crashes, 1):
         print(f"  crash {number}: what each survivor saw of {crash.victim.name}, s after the kill")
+        until = crash.restartedAt if crash.restartedAt is not None else math.inf
         for m in crash.survivors:
             saw = [
-                f"{what} {t - crash.killedAt:.3f}"
+                (t, what)
                 for t, what, port in m.health
-                if port == crash.victim.port and crash.killedAt <= t
+                if port == crash.victim.port and crash.killedAt <= t < until
             ]
             mark = crash.marked.get(m.port)
             if mark is not None:
-                saw.append(f"{mark[1]} {mark[0] - crash.killedAt:.3f}")
+                saw.append((mark[0], mark[1]))
             gone = crash.removed.get(m.port)
             if gone is not None:
-                saw.append(f"removed {gone - crash.killedAt:.3f}")
-            late = [f"{lag * 1000:.0f} ms" for t, lag in m.lags if 0 <= t - crash.killedAt <= 5]
-            if late:
-                saw.append("late timers " + ", ".join(late))
-            print(f"    {m.name}: " + ("; ".join(saw) or "nothing"))
+                saw.append((gone, "removed"))
+            saw += [
+                (t - lag, f"stalled {lag * 1000:.0f} ms")
+                for t, lag in m.lags
+                if t >= crash.killedAt and t - lag < until
+            ]
+            print(
+                f"    {m.name}: "
+                + ("; ".join(f"{what} {t - crash.killedAt:.3f}" for t, what in sorted(saw)) or "-")
+            )
     failures += reportFalsePositives(soak, "crashes")
     return failures
 
