@@ -36,15 +36,18 @@ Each round:
      nothing else; then watch the lists for two ping periods
      (L{BusConfig.pingInterval}): any entry that is not one of the five
      nodes, or not active, is a ghost, and there must be none;
-  4. time until every node holds every key of both sides and the same
-     value of C{conflict}, and check that value against the documented
-     conflict rule (L{syncWinner}: the greater value stays).
+  4. time until every node holds every key of both sides, then the same
+     value of C{conflict} (looked at from the heal on, alongside the
+     lists), and check that value against the documented conflict rule
+     (L{syncWinner}: the greater value stays); print the counters of the
+     heal (knocks, re-sync requests and retries).
 
 Times are measured from the moment the bridge ports were moved, by polling
-the nodes over their pipes (every 0.1 s: figures are ±0.1 s, and noisy on a
-loaded machine). Every wait has a deadline; on failure the script prints
-what it saw and exits 1. It exits 2 when it cannot run (not root, no
-C{ip} or C{unshare}).
+the nodes over their pipes (every 0.1 s, plus the time of one look at all
+five: figures are about ±0.15 s, and noisy on a loaded machine). Every
+wait has a deadline; on failure the script prints what it saw and exits 1.
+It exits 2 when it cannot run (not root, no C{ip}, C{unshare} or
+C{mount}).
 """
 
 from __future__ import annotations
@@ -242,6 +245,8 @@ class Bus:
         self.last: Lists = {}
         self.keys = 0
         """Keys every node should hold (after a heal)."""
+        self.onLook: list[Callable[[], None]] = []
+        """Called after each look at the lists."""
 
     def start(self) -> None:
         for i in range(1, NODES + 1):
@@ -262,6 +267,8 @@ class Bus:
 
     def look(self) -> Lists:
         self.last = lists(self.nodes)
+        for hook in self.onLook:
+            hook()
         return self.last
 
     def seen(self) -> str:
@@ -269,6 +276,36 @@ class Bus:
 
     def counts(self) -> dict[int, int]:
         return {i: n.count() for i, n in self.nodes.items()}
+
+
+class KeyWatch:
+    """When every node first held every key, then also one value of C{conflict}."""
+
+    def __init__(self, bus: Bus) -> None:
+        self.bus = bus
+        self.allKeysAt: float | None = None
+        self.sameAt: float | None = None
+
+    def look(self) -> None:
+        if self.sameAt is not None:
+            return
+        if any(n.count() != self.bus.keys for n in self.bus.nodes.values()):
+            return
+        now = time.monotonic()
+        if self.allKeysAt is None:
+            self.allKeysAt = now
+        if len({repr(n.get(CONFLICT)) for n in self.bus.nodes.values()}) == 1:
+            self.sameAt = now
+
+    def done(self) -> bool:
+        self.look()
+        return self.sameAt is not None
+
+    def seen(self) -> str:
+        return ", ".join(
+            f"n{i}: {n.count()} keys, {CONFLICT}={n.get(CONFLICT)!r}"
+            for i, n in self.bus.nodes.items()
+        )
 
 
 def formed(bus: Bus) -> None:
@@ -374,7 +411,10 @@ def partitionRound(
         f"{heldAt - writeStart:.2f} s after the first write; keys per node: {bus.counts()}"
     )
 
-    # 3. heal
+    # 3. heal; from now on every look at the lists also looks at the keys (step 4)
+    bus.keys = before + conflictNew + majorityKeys + minorityKeys
+    watch = KeyWatch(bus)
+    bus.onLook.append(watch.look)
     healAt = network.move(minority, "br0")
     listsAt, complete = waitEach(
         bus,
@@ -404,27 +444,16 @@ def partitionRound(
         raise BenchError("ghosts after the heal:\n    " + "\n    ".join(bad[:20]))
 
     # 4. every key everywhere, one value for the conflicting key
-    bus.keys = before + conflictNew + majorityKeys + minorityKeys
-
-    def converged() -> bool:
-        counts = bus.counts()
-        if any(c != bus.keys for c in counts.values()):
-            return False
-        return len({repr(n.get(CONFLICT)) for n in bus.nodes.values()}) == 1
-
-    def keysSeen() -> str:
-        return ", ".join(
-            f"n{i}: {n.count()} keys, {CONFLICT}={n.get(CONFLICT)!r}" for i, n in bus.nodes.items()
-        )
-
-    keysAt = wait(converged, WAIT, f"all {bus.keys} keys and one {CONFLICT!r} everywhere", keysSeen)
+    bus.onLook.remove(watch.look)
+    wait(watch.done, WAIT, f"all {bus.keys} keys and one {CONFLICT!r} everywhere", watch.seen)
+    assert watch.allKeysAt is not None and watch.sameAt is not None
     won = bus.nodes[SEED].get(CONFLICT)
     expected = syncWinner(majorityValue, minorityValue)
     side = "majority" if won == majorityValue else "minority"
     print(
         f"every node holds all {bus.keys} keys ({majorityKeys} + {minorityKeys} from this "
-        f"round, {before} before, {CONFLICT!r}) and {CONFLICT}={won!r} "
-        f"{keysAt - healAt:.2f} s after the heal"
+        f"round, {before} before, {CONFLICT!r}) {watch.allKeysAt - healAt:.2f} s after the heal, "
+        f"and {CONFLICT}={won!r} everywhere after {watch.sameAt - healAt:.2f} s"
     )
     print(
         f"conflict: {won!r} (the {side}'s value, written "
@@ -434,6 +463,27 @@ def partitionRound(
     )
     if won != expected:
         raise BenchError(f"{CONFLICT!r} settled on {won!r}, the documented rule gives {expected!r}")
+    counters(bus)
+
+
+COUNTERS = {
+    "notification.knocks_sent": "knocks sent",
+    "notification.knocks_answered": "knocks answered",
+    "notification.stale_failures_ignored": "stale failures ignored",
+    "htable.resync.requests_sent": "re-sync requests",
+    "htable.resync.retries": "re-sync retries",
+    "htable.sync.unknown_requester": "sync requests from unlisted nodes",
+}
+
+
+def counters(bus: Bus) -> None:
+    """Counters of the heal so far (since the start), one list per counter: n1..n5."""
+    stats = {i: n.stats() for i, n in bus.nodes.items()}
+    parts = [
+        f"{label} {[stats[i].get(name, 0) for i in sorted(stats)]}"
+        for name, label in COUNTERS.items()
+    ]
+    print("counters since the start, per node n1..n5: " + "; ".join(parts))
 
 
 RULE = (
