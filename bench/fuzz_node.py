@@ -23,6 +23,18 @@ alive, answer a valid KDMQ with 200 over UDP and TCP, and its RSS must have
 stayed within --rss-budget MiB of its size after start-up; its C{dmq.stats}
 counters are read through the control API. Exits 1 when any check fails.
 
+Memory is explained, not only sampled: the node runs under L{runNode},
+which writes from inside its process once a second the length of every
+bounded table (transactions, nodes, tombstones, htable cells, TCP
+connections and buffers, caches), pymalloc's arenas and glibc's heap
+(in use and free), and on request live objects per type (and allocation
+sites with --tracemalloc). After the inputs the node gets --quiet seconds
+without input (longer than Timers F and J, 32 s), then a last reading and
+C{malloc_trim(0)}; meanwhile this process measures the bytes of one record
+of each transaction table with tracemalloc (L{measureEntrySizes}), so the
+report shows the peak of each table, what it held, the ceiling at the
+limits, and where the RSS is once every transaction is over.
+
 Hostile bytes can name any address (a mangled Via, a node list, a sync
 request's From): when run as root the whole benchmark re-executes itself in
 a new network namespace (C{unshare --net}) that has only a loopback
@@ -36,6 +48,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import functools
+import gc
 import json
 import os
 import random
@@ -47,7 +61,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -56,7 +69,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from tests.interop.kamailio import allocatePorts  # noqa: E402
 
 HOST = "127.0.0.1"
 NETNS_MARK = "DMQ_FUZZ_IN_NETNS"
@@ -340,19 +352,308 @@ class Generator:
 
 
 # ---------------------------------------------------------------------------
+# The node's side: memory readings written from inside the node process
+
+
+def _parseMallocStats(text: str) -> dict[str, int]:
+    """The totals of C{sys._debugmallocstats()} (pymalloc's arenas and blocks)."""
+    wanted = {
+        "# arenas allocated current": "arenas_current",
+        "# arenas highwater mark": "arenas_highwater",
+        "# bytes in allocated blocks": "allocated_bytes",
+        "# bytes in available blocks": "available_bytes",
+        "# bytes lost to pool headers": "pool_headers_bytes",
+        "# bytes lost to quantization": "quantization_bytes",
+        "# bytes lost to arena alignment": "alignment_bytes",
+        "Total": "arena_bytes",  # the first Total: every arena, used or not
+    }
+    found: dict[str, int] = {}
+    for line in text.splitlines():
+        label, _, value = line.rpartition("=")
+        label = label.strip()
+        if label in wanted and wanted[label] not in found:
+            with contextlib.suppress(ValueError):
+                found[wanted[label]] = int(value.strip().replace(",", ""))
+    return found
+
+
+def _pymallocStats() -> dict[str, int]:
+    """pymalloc totals: C{sys._debugmallocstats()} writes to fd 2, read back from a file."""
+    debugMallocStats = getattr(sys, "_debugmallocstats", None)
+    if debugMallocStats is None:
+        return {}
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            debugMallocStats()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        captured.seek(0)
+        return _parseMallocStats(captured.read().decode("ascii", "replace"))
+
+
+def _glibcMallocStats() -> dict[str, int]:
+    """glibc's heap (C{mallinfo2}): what C{malloc} took from the OS and what is free in it."""
+    import ctypes
+
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [
+            (name, ctypes.c_size_t)
+            for name in (
+                "arena",
+                "ordblks",
+                "smblks",
+                "hblks",
+                "hblkhd",
+                "usmblks",
+                "fsmblks",
+                "uordblks",
+                "fordblks",
+                "keepcost",
+            )
+        ]
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallinfo2 = libc.mallinfo2
+    except (OSError, AttributeError):
+        return {}
+    mallinfo2.restype = MallInfo2
+    info = mallinfo2()
+    return {
+        "heap_bytes": info.arena,  # sbrk heap of the main arena (+ other arenas)
+        "heap_used_bytes": info.uordblks,
+        "heap_free_bytes": info.fordblks,
+        "mmap_bytes": info.hblkhd,  # large blocks mapped one by one
+    }
+
+
+def _requestBytes(transactions: Any) -> int:
+    """
+    Bytes of the requests that open client transactions keep: each its own
+    head, each distinct body once (C{data} before the head and body split).
+    """
+    total = 0
+    bodies: dict[int, int] = {}
+    for txn in transactions:
+        if hasattr(txn, "head"):
+            total += len(txn.head)
+            bodies[id(txn.body)] = len(txn.body)
+        else:
+            total += len(txn.data)
+    return total + sum(bodies.values())
+
+
+class NodeMemoryReport:
+    """
+    Inside the fuzzed node: every second one JSON line of light readings
+    (RSS, the length of every bounded table, pymalloc and glibc totals);
+    on SIGUSR1 one line of heavy readings (live objects per type, and the
+    top allocation sites when tracemalloc runs). Reads the node's private
+    attributes with C{getattr} defaults: a debugging aid, not an API.
+    """
+
+    def __init__(self, service: Any, reactor: Any, path: str) -> None:
+        self.reactor = reactor
+        self.path = path
+        self.start = time.monotonic()
+        self.stack = next((s.stack for s in service if hasattr(s, "stack")), None)
+        self.heavyWanted = False
+
+    def install(self) -> None:
+        from twisted.internet.task import LoopingCall
+
+        def askHeavy(signum: int, frame: Any) -> None:
+            self.reactor.callFromThread(self.writeHeavy, signum == signal.SIGUSR2)
+
+        signal.signal(signal.SIGUSR1, askHeavy)
+        signal.signal(signal.SIGUSR2, askHeavy)
+        LoopingCall(self.writeLight).start(1.0)
+
+    def _write(self, record: dict[str, Any]) -> None:
+        record["t"] = round(time.monotonic() - self.start, 2)
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def tables(self) -> dict[str, int]:
+        """The size of every bounded (or suspect) structure of the node."""
+        stack = self.stack
+        if stack is None:
+            return {}
+        txns = stack.transactions
+        found: dict[str, int] = {}
+        clients = getattr(txns, "_clients", {})
+        found["tx.client_open"] = len(clients)
+        found["tx.client_open_bytes"] = _requestBytes(clients.values())
+        first = getattr(txns, "_firstRetransmissions", None)
+        found["tx.client_first_retransmission_queue"] = len(getattr(first, "_entries", ()))
+        found["tx.client_completed"] = len(getattr(txns, "_clientsCompleted", ()))
+        found["tx.server_open"] = len(getattr(txns, "_serversPending", ()))
+        completed = getattr(txns, "_serversCompleted", None)
+        entries = getattr(completed, "_entries", {})
+        found["tx.server_completed"] = len(entries)
+        found["tx.server_completed_bytes"] = sum(len(v) for _, v in entries.values())
+        transport = stack.transport
+        streams = getattr(transport, "_streams", ())
+        found["tcp.connections"] = len(streams)
+        found["tcp.buffered_bytes"] = sum(len(getattr(p, "_buffer", b"")) for p in streams)
+        found["udp.origins_cache"] = len(getattr(transport, "_udpOrigins", ()))
+        nodeList = stack.bus.nodeList
+        found["nodes.listed"] = len(getattr(nodeList, "_nodes", ()))
+        found["nodes.tombstones"] = len(getattr(nodeList, "_tombstones", ()))
+        found["nodes.held"] = len(getattr(nodeList, "_held", ()))
+        found["nodes.dmq_bus"] = len(getattr(nodeList, "_dmqBus", ()))
+        bus = stack.bus
+        found["bus.addressing_cache"] = len(getattr(bus, "_addressing", ()))
+        found["bus.channel_names_cache"] = len(getattr(bus, "_counterNames", ()))
+        health = getattr(stack.notification, "health", None)
+        for name in ("_probing", "_suspicions", "_passive"):
+            found[f"health.{name.strip('_')}"] = len(getattr(health, name, ()))
+        found["notification.outstanding"] = len(getattr(stack.notification, "_outstanding", ()))
+        for peer in bus.peers():
+            for table in getattr(peer, "_tables", {}).values():
+                found[f"htable.{table.name}.cells"] = len(table)
+                found[f"htable.{table.name}.expiries"] = len(getattr(table, "_expiries", ()))
+            for name in ("_syncing", "_resyncAt", "_resyncLater", "_chunksFrom"):
+                if hasattr(peer, name):
+                    found[f"htable.{name.strip('_')}"] = len(getattr(peer, name))
+        counters = sum(len(c) for c in (transport.counters, txns.counters, bus.counters))
+        found["counters.names"] = counters
+        found["reactor.delayed_calls"] = len(self.reactor.getDelayedCalls())
+        return found
+
+    def writeLight(self) -> None:
+        status = _procStatus(os.getpid())
+        self._write(
+            {
+                "kind": "light",
+                "rss_kib": status.get("VmRSS", 0),
+                "hwm_kib": status.get("VmHWM", 0),
+                "tables": self.tables(),
+                "pymalloc": _pymallocStats(),
+                "glibc": _glibcMallocStats(),
+                "gc_counts": list(gc.get_count()),
+            }
+        )
+
+    def writeHeavy(self, trim: bool = False) -> None:
+        """
+        Live objects per type, bytes per entry, top allocation sites; with
+        C{trim}, then C{malloc_trim(0)} and the RSS after it: how much of
+        what glibc keeps is free memory it could give back.
+        """
+        import ctypes
+        import tracemalloc
+
+        gc.collect()
+        byType: Counter[str] = Counter()
+        sizes: Counter[str] = Counter()
+        objects = gc.get_objects()
+        for obj in objects:
+            name = type(obj).__qualname__
+            byType[name] += 1
+            sizes[name] += sys.getsizeof(obj)
+        record: dict[str, Any] = {
+            "kind": "heavy",
+            "rss_kib": _procStatus(os.getpid()).get("VmRSS", 0),
+            "gc_objects": len(objects),
+            "gc_types": [[n, c, sizes[n]] for n, c in byType.most_common(20)],
+        }
+        del objects
+        if tracemalloc.is_tracing():
+            snapshot = tracemalloc.take_snapshot()
+            stats = snapshot.statistics("lineno")
+            record["tracemalloc_total"] = sum(s.size for s in stats)
+            record["tracemalloc_top"] = [[str(s.traceback[0]), s.size, s.count] for s in stats[:25]]
+        if trim:
+            with contextlib.suppress(OSError, AttributeError):
+                ctypes.CDLL("libc.so.6").malloc_trim(0)
+                record["rss_after_trim_kib"] = _procStatus(os.getpid()).get("VmRSS", 0)
+                record["glibc_after_trim"] = _glibcMallocStats()
+        self._write(record)
+
+
+def _receiveIntoOneBuffer() -> None:
+    """
+    An experiment (C{--recv-into}): Twisted's UDP port reads each datagram
+    with C{recvfrom(65535)}, which mallocs 64 KiB and shrinks the block to
+    the datagram; between longer-lived blocks, those leftovers grow glibc's
+    heap far past what is in use. Read into one reused buffer instead and
+    copy out the datagram's bytes only (what the transport could do).
+    """
+    from twisted.internet import udp
+    from twisted.python import log
+
+    buffer = bytearray(65536)
+    view = memoryview(buffer)
+
+    def doRead(self: Any) -> None:
+        read = 0
+        while read < self.maxThroughput:
+            try:
+                size, addr = self.socket.recvfrom_into(buffer, self.maxPacketSize)
+            except OSError as e:
+                if e.args[0] in udp._sockErrReadIgnore or e.args[0] in udp._sockErrReadRefuse:
+                    return
+                raise
+            read += size
+            if self.addressFamily == socket.AF_INET6:
+                addr = addr[:2]
+            try:
+                self.protocol.datagramReceived(bytes(view[:size]), addr)
+            except BaseException:
+                log.err()
+
+    setattr(udp.Port, "doRead", doRead)  # noqa: B010
+
+
+def runNode(
+    reportPath: str, tracemallocFrames: int, recvInto: bool, twistArguments: list[str]
+) -> None:
+    """Run the node as C{twist} does, with a L{NodeMemoryReport} in its process."""
+    import tracemalloc
+
+    from twisted.application.twist._twist import Twist
+
+    if tracemallocFrames:
+        tracemalloc.start(tracemallocFrames)
+    if recvInto:
+        _receiveIntoOneBuffer()
+
+    options = Twist.options(["twist", *twistArguments])
+    reactor = options["reactor"]
+    subCommand = options.subCommand
+    assert subCommand is not None
+    service = Twist.service(options.plugins[subCommand], options.subOptions)
+    Twist.startService(reactor, service)
+    NodeMemoryReport(service, reactor, reportPath).install()
+    Twist.run(options)
+
+
+# ---------------------------------------------------------------------------
 # Readings
+
+
+def _procStatus(pid: int) -> dict[str, int]:
+    """The KiB figures of C{/proc/PID/status} (VmRSS, VmHWM, ...); empty once it is gone."""
+    found: dict[str, int] = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                name, _, value = line.partition(":")
+                if value.strip().endswith(" kB"):
+                    found[name] = int(value.split()[0])
+    except OSError:
+        pass
+    return found
 
 
 def rssKiB(pid: int) -> int:
     """VmRSS of process C{pid} in KiB (0 once it is gone)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
+    return _procStatus(pid).get("VmRSS", 0)
 
 
 def udpDrops(pid: int, port: int) -> int:
@@ -371,6 +672,8 @@ def udpDrops(pid: int, port: int) -> int:
 
 def rpc(controlPort: int, method: str, *params: Any, timeout: float = 10.0) -> Any:
     """Call a JSON-RPC method of the node's control API; its result."""
+    import urllib.request  # here: the node process runs this module too (runNode)
+
     body = json.dumps({"jsonrpc": "2.0", "method": method, "params": list(params), "id": 1})
     req = urllib.request.Request(
         f"http://{HOST}:{controlPort}/RPC",
@@ -576,11 +879,22 @@ def stallConnections(port: int, count: int, rng: random.Random) -> tuple[list[so
 # The run
 
 
-def startNode(port: int, controlPort: int, logPath: str) -> subprocess.Popen[bytes]:
+def startNode(
+    port: int,
+    controlPort: int,
+    logPath: str,
+    reportPath: str,
+    tracemallocFrames: int = 0,
+    recvInto: bool = False,
+) -> subprocess.Popen[bytes]:
+    """The node, run as C{twist dmq} is, with its memory report (L{runNode})."""
     command = [
         sys.executable,
-        "-m",
-        "twisted",
+        os.path.abspath(__file__),
+        "--run-node",
+        reportPath,
+        str(tracemallocFrames),
+        "1" if recvInto else "0",
         "dmq",
         "--server-address",
         f"sip:{HOST}:{port}",
@@ -621,12 +935,15 @@ def stopNode(node: subprocess.Popen[bytes]) -> None:
 
 
 def fuzz(args: argparse.Namespace, loopbackOnly: bool) -> int:
+    from tests.interop.kamailio import allocatePorts
+
     port, controlPort = allocatePorts(2)
     workdir = tempfile.mkdtemp(prefix="dmq-fuzz-")
     logPath = os.path.join(workdir, "node.log")
-    node = startNode(port, controlPort, logPath)
+    reportPath = args.memory_log or os.path.join(workdir, "memory.jsonl")
+    node = startNode(port, controlPort, logPath, reportPath, args.tracemalloc, args.recv_into)
     try:
-        return _run(args, node, port, controlPort, loopbackOnly, logPath)
+        return _run(args, node, port, controlPort, loopbackOnly, logPath, reportPath)
     finally:
         stopNode(node)
         if node.returncode not in (0, None, -signal.SIGTERM):
@@ -642,6 +959,7 @@ def _run(
     controlPort: int,
     loopbackOnly: bool,
     logPath: str,
+    reportPath: str,
 ) -> int:
     waitReady(node, controlPort)
     prober = Prober(port)
@@ -649,6 +967,7 @@ def _run(
         raise SystemExit("the node does not answer a valid KDMQ at start")
     time.sleep(0.5)
     baseline = rssKiB(node.pid)
+    heavyStart = heavyReading(node, reportPath)
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
@@ -747,6 +1066,7 @@ def _run(
             code = prober.udp(timeout=5.0)
             probeCodes[f"{code}"] += 1
     elapsed = time.monotonic() - start
+    lightAtEnd = len(readReport(reportPath, "light"))
     deadline = time.monotonic() + 10.0
     while prober.pending and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -773,6 +1093,15 @@ def _run(
         except (OSError, RuntimeError) as e:
             statsError = str(e)
     half = next((value for n, value in rss if n >= args.count // 2), final)
+
+    # memory after every transaction ended; meanwhile (the node idle) the
+    # bytes per record, measured in this process
+    quietEnd = time.monotonic() + args.quiet
+    sizes = measureEntrySizes() if args.entry_sizes else None
+    while time.monotonic() < quietEnd and node.poll() is None:
+        time.sleep(0.5)
+    heavyQuiet = heavyReading(node, reportPath, trim=True) if alive and args.quiet > 0 else None
+    light = readReport(reportPath, "light")
 
     # the report
     out = sys.stdout.write
@@ -845,6 +1174,9 @@ def _run(
     elif statsError:
         out(f"\ndmq.stats failed: {statsError}\n")
 
+    if light:
+        memoryReport(out, args, light, lightAtEnd, heavyStart, heavyQuiet, sizes, baseline)
+
     checks = [
         ("node process alive", alive),
         ("answers a valid KDMQ over UDP with 200", finalUDP == 200),
@@ -859,6 +1191,18 @@ def _run(
         ),
         ("dmq.stats readable through the control API", bool(stats)),
     ]
+    if elapsed / 2 > 40:  # the tables reach their steady length within Timer J (32 s)
+        firstHalf, secondHalf = half - baseline, rss[-1][1] - half
+        checks.append(
+            (
+                f"RSS levels off: the second half of the inputs added {secondHalf / 1024:.1f} MiB,"
+                f" the first {firstHalf / 1024:.1f} (at most 15% of it)",
+                secondHalf <= 0.15 * firstHalf,
+            )
+        )
+    if light and args.quiet >= 33:  # longer than Timers F and J (32 s): every table empty
+        left = {k: v for k, v in light[-1]["tables"].items() if k.startswith("tx.") and v}
+        checks.append((f"every transaction table empty after {args.quiet:.0f} s quiet", not left))
     out("\nchecks\n")
     for label, ok in checks:
         out(f"  [{'ok' if ok else 'FAIL'}] {label}\n")
@@ -869,7 +1213,313 @@ def _run(
     return 0 if vital and all(ok for _, ok in checks) else 1
 
 
+def readReport(path: str, kind: str) -> list[dict[str, Any]]:
+    """The records of one kind the node wrote so far (L{NodeMemoryReport})."""
+    try:
+        with open(path) as f:
+            lines = f.readlines()
+    except OSError:
+        return []
+    records = []
+    for line in lines:
+        with contextlib.suppress(ValueError):
+            record = json.loads(line)
+            if record.get("kind") == kind:
+                records.append(record)
+    return records
+
+
+def heavyReading(
+    node: subprocess.Popen[bytes], path: str, trim: bool = False, timeout: float = 120.0
+) -> dict[str, Any] | None:
+    """Ask the node for a heavy reading (SIGUSR1; SIGUSR2 to trim after it) and wait for it."""
+    before = len(readReport(path, "heavy"))
+    node.send_signal(signal.SIGUSR2 if trim else signal.SIGUSR1)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and node.poll() is None:
+        time.sleep(0.2)
+        records = readReport(path, "heavy")
+        if len(records) > before:
+            return records[-1]
+    return None
+
+
+class _NullDatagrams:
+    """The UDP socket of L{measureEntrySizes}: writes go nowhere (the last ones are kept)."""
+
+    def __init__(self) -> None:
+        self.written: list[tuple[bytes, Any]] = []
+
+    def write(self, packet: bytes, addr: Any = None) -> None:
+        self.written.append((packet, addr))
+        if len(self.written) > 1:
+            del self.written[0]
+
+    def getHost(self) -> Any:
+        from twisted.internet.address import IPv4Address
+
+        return IPv4Address("UDP", HOST, 5060)
+
+
+def measureEntrySizes(count: int = 10_000) -> dict[str, float]:
+    """
+    Bytes one record of each transaction table holds in a real node stack
+    (the layers of C{NodeStack} with the htable peer, on a C{Clock}, over a
+    socket that sends nothing), measured with tracemalloc over C{count}
+    records, in this process:
+      - C{tx.server_completed}: an htable set answered 200, kept for Timer J;
+      - C{tx.server_open}: a request whose peer has not answered yet;
+      - C{tx.client_open}: an htable set to a node that does not answer;
+      - C{tx.client_open (broadcast)}: the same with a 35 kB node-list body
+        given to every send, as a broadcast does (the body is shared);
+      - C{tx.client_completed}: an htable set answered 200 over UDP, kept
+        for Timer K.
+    The parser's bounded caches (4,096 header lines, 1,024 Via heads) are
+    filled before: they are the node's, not the records'.
+    """
+    import tracemalloc
+
+    from twisted.internet.defer import Deferred
+    from twisted.internet.task import Clock
+    from zope.interface import implementer
+
+    from dmq_bus.bus.dispatch import BusConfig
+    from dmq_bus.bus.values import DMQMessage, Node, NodeStatus
+    from dmq_bus.interfaces import IDMQPeer
+    from dmq_bus.peers.htable import HTablePeer, TableSpec
+    from dmq_bus.service import NodeConfig, NodeStack
+    from dmq_bus.sip.message import makeResponse
+    from dmq_bus.sip.parser import parseMessage
+    from dmq_bus.sip.uri import SIPURI
+
+    @implementer(IDMQPeer)
+    class Silent:
+        channel = "silent"
+        description = "never answers"
+
+        def messageReceived(self, message: DMQMessage) -> Deferred[Any]:
+            return Deferred()
+
+        def busJoined(self) -> None:
+            pass
+
+    def stack() -> Any:
+        clock = Clock()
+        config = NodeConfig(bus=BusConfig(serverAddress=SIPURI(host=HOST, port=5060)))
+        node = NodeStack(config, clock, None)
+        node.bus.registerPeer(HTablePeer(node.bus, clock, [TableSpec("kv")]))
+        node.bus.registerPeer(Silent())
+        protocol = node.transport.datagramProtocol()
+        protocol.makeConnection(_NullDatagrams())  # type: ignore[arg-type]
+        node.clock = clock  # type: ignore[attr-defined]
+        return node, protocol
+
+    def held(work: Callable[[], object]) -> float:
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            kept = work()
+            gc.collect()
+            after = tracemalloc.get_traced_memory()[0]
+        finally:
+            tracemalloc.stop()
+        del kept
+        return (after - before) / count
+
+    sizes: dict[str, float] = {}
+    peerPort = 43210
+    for name, channel in (("tx.server_completed", "htable"), ("tx.server_open", "silent")):
+        node, protocol = stack()
+        template = request(5060, peerPort, channel, Generator(0, 5060, peerPort, True)._set(7))
+        datagrams = [template.replace(BRANCH, b"z9hG4bK%x" % i) for i in range(count)]
+
+        def receive(protocol: Any = protocol, datagrams: list[bytes] = datagrams) -> None:
+            for datagram in datagrams:
+                protocol.datagramReceived(datagram, (HOST, peerPort))
+
+        sizes[name] = held(receive)
+    body = Generator(0, 5060, peerPort, True)._set(7)
+    # one node: the bus's caches per node (addressing, origins) are not per transaction
+    target = Node.fromURI(SIPURI(host=HOST, port=40_000), NodeStatus.ACTIVE)
+    nodeList = b"".join(
+        b"sip:127.0.%d.%d:5060;status=active\r\n" % divmod(i, 250) for i in range(1000)
+    )
+    for name, payload in (("tx.client_open", body), ("tx.client_open (broadcast)", nodeList)):
+        node, _ = stack()
+        targets = [target] * count
+
+        def send(
+            node: Any = node, targets: list[Any] = targets, payload: bytes = payload
+        ) -> list[Any]:
+            return [node.bus.send("htable", t, payload, "text/plain") for t in targets]
+
+        sizes[name] = held(send)
+
+    # answered over UDP: kept for Timer K
+    def sendAndAnswer(node: Any, protocol: Any) -> None:
+        socket = protocol.transport
+        for _ in range(count):
+            node.bus.send("htable", target, body, "text/plain")
+            sent, addr = socket.written[-1]
+            answer = makeResponse(parseMessage(sent).headers, 200, "OK").toBytes()
+            protocol.datagramReceived(answer, addr)
+        node.clock.advance(1.0)  # past T1: the first-retransmission queue lets them go
+
+    sendAndAnswer(*stack())  # fills the parser's caches with such lines
+    node, protocol = stack()
+    sizes["tx.client_completed"] = held(functools.partial(sendAndAnswer, node, protocol))
+    return sizes
+
+
+TABLE_LIMITS = {
+    "tx.client_open": 100_000,
+    "tx.server_open": 200_000,
+    "tx.server_completed": 500_000,
+    "tx.client_completed": 500_000,
+    "tcp.connections": MAX_CONNECTIONS,
+    "nodes.listed": 1024,
+}
+"""The node's default limits (README, "Limits and what happens at them")."""
+
+
+def memoryReport(
+    out: Callable[[str], object],
+    args: argparse.Namespace,
+    light: list[dict[str, Any]],
+    lightAtEnd: int,
+    heavyStart: dict[str, Any] | None,
+    heavyQuiet: dict[str, Any] | None,
+    sizes: dict[str, float] | None,
+    baseline: int,
+) -> None:
+    """Print what holds the node's memory: peak, end of inputs, after the quiet period."""
+    MiB = 1024 * 1024
+    first = light[0]
+    atEnd = light[max(0, min(lightAtEnd, len(light)) - 1)]
+    last = light[-1]
+    peakAt = max(light, key=lambda r: r["rss_kib"])
+    readings = (first, peakAt, atEnd, last)
+    quiet = f"after {args.quiet:.0f} s quiet"
+    out(f"\nmemory, read inside the node once a second ({len(light)} readings)\n")
+    out(f"{'':<40}{'start-up':>12}{'peak':>12}{'end of inputs':>15}{quiet:>18}{'limit':>10}\n")
+
+    def row(label: str, values: list[str], limit: str = "") -> None:
+        cells = "".join(f"{v:>{w}}" for v, w in zip(values, (12, 12, 15, 18)))
+        out(f"  {label:<38}{cells}{limit:>10}\n")
+
+    def mib(v: float) -> str:
+        return f"{v / MiB:,.1f} MiB"
+
+    row("RSS", [mib(1024 * r["rss_kib"]) for r in readings])
+    names = sorted({name for r in light for name in r["tables"]})
+    for name in names:
+        peak = max(r["tables"].get(name, 0) for r in light)
+        values = [first["tables"].get(name, 0), peak]
+        values += [atEnd["tables"].get(name, 0), last["tables"].get(name, 0)]
+        limit = TABLE_LIMITS.get(name)
+        texts = [mib(v) if name.endswith("bytes") else f"{v:,}" for v in values]
+        row(name, texts, f"{limit:,}" if limit else "")
+    for group, fields in (
+        ("pymalloc", ("arena_bytes", "allocated_bytes", "available_bytes")),
+        ("glibc", ("heap_bytes", "heap_used_bytes", "heap_free_bytes", "mmap_bytes")),
+    ):
+        for field in fields:
+            values = [r.get(group, {}).get(field) for r in readings]
+            if any(v is not None for v in values):
+                row(f"{group} {field}", [mib(v or 0) for v in values])
+    row(
+        "pymalloc arenas (current)",
+        [f"{r.get('pymalloc', {}).get('arenas_current', 0):,}" for r in readings],
+    )
+    out("  (peak: the reading with the highest RSS; for a table, its own highest length)\n")
+
+    out("\nover time (MiB; pymalloc: arenas / in use; glibc heap: size / in use)\n")
+    out(f"  {'s':>5}{'RSS':>8}{'pymalloc':>16}{'glibc heap':>16}{'server completed':>18}")
+    out(f"{'client open':>13}{'nodes':>7}\n")
+    step = max(1, len(light) // 16)
+    for r in [*light[::step], last] if (len(light) - 1) % step else light[::step]:
+        py, heap, tables = r.get("pymalloc", {}), r.get("glibc", {}), r["tables"]
+        out(
+            f"  {r['t']:>5.0f}{r['rss_kib'] / 1024:>8.1f}"
+            f"{py.get('arena_bytes', 0) / MiB:>9.1f} /{py.get('allocated_bytes', 0) / MiB:>5.1f}"
+            f"{heap.get('heap_bytes', 0) / MiB:>9.1f} /{heap.get('heap_used_bytes', 0) / MiB:>5.1f}"
+            f"{tables.get('tx.server_completed', 0):>18,}{tables.get('tx.client_open', 0):>13,}"
+            f"{tables.get('nodes.listed', 0):>7,}\n"
+        )
+
+    if sizes:
+        out(
+            "\nbytes per record (tracemalloc over the node's layers, in this process) and ceilings\n"
+        )
+        out(f"  {'table':<30}{'B/record':>10}{'fuzz peak':>11}{'at that peak':>14}")
+        out(f"{'limit':>10}{'at the limit':>14}\n")
+        total = 0.0
+        for name, size in sizes.items():
+            table = name.split(" ")[0]
+            limit = TABLE_LIMITS.get(table, 0)
+            peak = max(r["tables"].get(table, 0) for r in light) if " " not in name else 0
+            if " " not in name:
+                total += size * limit
+            out(
+                f"  {name:<30}{size:>10,.0f}{peak:>11,}{mib(size * peak):>14}"
+                f"{limit:>10,}{mib(size * limit):>14}\n"
+            )
+        out(f"  {'all four tables at their limits':<75}{mib(total):>14}\n")
+        out("  (an open client transaction also holds its body: one per broadcast, shared)\n")
+
+    if heavyStart and heavyQuiet:
+        before = {name: count for name, count, _ in heavyStart["gc_types"]}
+        grown = sorted(
+            (
+                (count - before.get(name, 0), name, count)
+                for name, count, _ in heavyQuiet["gc_types"]
+            ),
+            reverse=True,
+        )
+        out(f"\nobjects tracked by gc: {heavyStart['gc_objects']:,} at start-up, ")
+        out(f"{heavyQuiet['gc_objects']:,} {quiet}; the types that grew most\n")
+        for more, name, count in grown[:6]:
+            out(f"  {name:<38}{count:>10,} (+{more:,})\n")
+    if heavyQuiet and "tracemalloc_top" in heavyQuiet:
+        out(f"tracemalloc {quiet}: {heavyQuiet['tracemalloc_total'] / MiB:,.1f} MiB; top sites\n")
+        for site, size, count in heavyQuiet["tracemalloc_top"][:10]:
+            out(f"    {size / MiB:>8,.1f} MiB {count:>10,}  {site}\n")
+
+    py, heap = last.get("pymalloc", {}), last.get("glibc", {})
+    out(f"\nwhere the RSS is {quiet} (every transaction over): {last['rss_kib'] / 1024:.1f} MiB\n")
+    if py:
+        out(
+            f"  pymalloc arenas (objects <= 512 B)   {mib(py.get('arena_bytes', 0)):>12}: "
+            f"{mib(py.get('allocated_bytes', 0))} in use, "
+            f"{mib(py.get('arena_bytes', 0) - py.get('allocated_bytes', 0))} free inside arenas "
+            f"(start-up: {mib(first.get('pymalloc', {}).get('arena_bytes', 0))})\n"
+        )
+    if heap:
+        out(
+            f"  glibc heap (larger blocks)           {mib(heap.get('heap_bytes', 0)):>12}: "
+            f"{mib(heap.get('heap_used_bytes', 0))} in use, "
+            f"{mib(heap.get('heap_free_bytes', 0))} free "
+            f"(start-up: {mib(first.get('glibc', {}).get('heap_bytes', 0))})\n"
+        )
+    if heavyQuiet and "rss_after_trim_kib" in heavyQuiet:
+        trimmed = heavyQuiet["rss_after_trim_kib"]
+        out(
+            f"  after malloc_trim(0): RSS {trimmed / 1024:.1f} MiB "
+            f"({(last['rss_kib'] - trimmed) / 1024:.1f} MiB of free glibc pages given back)\n"
+        )
+    out(
+        f"  RSS: start-up {baseline / 1024:.1f} MiB, peak {peakAt['rss_kib'] / 1024:.1f} MiB, "
+        f"end of inputs {atEnd['rss_kib'] / 1024:.1f} MiB, {quiet} {last['rss_kib'] / 1024:.1f} MiB\n"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--run-node"]:  # the node process itself (see startNode)
+        runNode(argv[1], int(argv[2]), argv[3] == "1", argv[4:])
+        return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--count", type=int, default=1_000_000, help="inputs to send")
     parser.add_argument("--seed", type=int, default=1)
@@ -877,7 +1527,41 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-rate", type=int, default=40_000, help="highest datagrams/s")
     parser.add_argument("--tcp-share", type=float, default=0.03, help="share sent over TCP")
     parser.add_argument("--pool", type=int, default=50_000, help="distinct generated inputs")
-    parser.add_argument("--rss-budget", type=int, default=200, help="MiB of RSS growth allowed")
+    parser.add_argument(
+        "--rss-budget",
+        type=int,
+        default=320,
+        help="MiB of RSS growth allowed (default: what the completed-transaction table holds"
+        " at ~5,000 answered requests/s, ~90 MiB, with the allocators' retention, ~230 MiB:"
+        " see the memory report)",
+    )
+    parser.add_argument(
+        "--quiet",
+        type=float,
+        default=40.0,
+        help="seconds without input at the end (longer than Timers F, J: 32 s), then memory again",
+    )
+    parser.add_argument(
+        "--no-entry-sizes",
+        dest="entry_sizes",
+        action="store_false",
+        help="do not measure the bytes per transaction record (15 s of CPU in the quiet period)",
+    )
+    parser.add_argument(
+        "--recv-into",
+        action="store_true",
+        help="experiment: the node's UDP port reads into one reused buffer (see _receiveIntoOneBuffer)",
+    )
+    parser.add_argument(
+        "--memory-log", metavar="PATH", help="keep the node's memory readings (JSON lines) there"
+    )
+    parser.add_argument(
+        "--tracemalloc",
+        type=int,
+        default=0,
+        metavar="FRAMES",
+        help="trace the node's allocations (slower node) and print its top allocation sites",
+    )
     parser.add_argument(
         "--no-netns", action="store_true", help="do not run inside a new network namespace"
     )
