@@ -28,6 +28,7 @@ from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import TestCase
 
 from dmq_bus.bus.dispatch import BusConfig
+from dmq_bus.bus.guard import AccessPolicy
 from dmq_bus.bus.values import DeliveryFailed, Node
 from dmq_bus.peers.htable import HTablePeer, encodeSet
 from dmq_bus.service import DMQService, NodeConfig
@@ -191,6 +192,26 @@ class TLSHTableInteropTests(_TLSBus, test_interop_htable.HTableInteropTests):
         self.started(service)
         self.addCleanup(peer.stop)
         return service, peer
+
+
+class TLSOnlyHTableInteropTests(TLSHTableInteropTests):
+    """
+    The same scenarios with C{--tls-only} on the dmq-bus nodes: everything
+    Kamailio's tls module sends arrives over TLS, so nothing is refused.
+    """
+
+    def dmqBus(self, port: int, seed: int | None = None) -> tuple[DMQService, HTablePeer]:
+        service = self.tlsService(port, seed, access=AccessPolicy(tlsOnly=True))
+        peer = HTablePeer(service.bus, self.clock, test_interop_htable.SPECS)
+        service.bus.registerPeer(peer)
+        self.started(service)
+        self.addCleanup(peer.stop)
+        self.addCleanup(self.nothingRefused, service)
+        return service, peer
+
+    def nothingRefused(self, service: DMQService) -> None:
+        refused = {k: v for k, v in service.bus.counters.items() if k.startswith("in.forbidden")}
+        self.assertEqual({k: v for k, v in refused.items() if v}, {})
 
 
 class TLSVerificationTests(_TLSBus, TestCase):
