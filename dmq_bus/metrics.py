@@ -191,6 +191,16 @@ FAMILIES: tuple[FamilySpec, ...] = (
     family("dmq_notification_local_failures_total", COUNTER,
            "Notifications that could not be sent for a local reason.",
            exact("notification.local_failures")),
+    family("dmq_notification_events_total", COUNTER,
+           "Membership repairs: removed nodes asked directly when a list names them "
+           "(knocks sent, answered), late failures of pings sent before a node came back "
+           "(ignored), nodes revived by their own request, plain nodes in lists skipped "
+           "under tls-only.",
+           exact("notification.knocks_sent", event="knocks_sent"),
+           exact("notification.knocks_answered", event="knocks_answered"),
+           exact("notification.stale_failures_ignored", event="stale_failures_ignored"),
+           exact("notification.revived_by_request", event="revived_by_request"),
+           exact("notification.lines_not_tls", event="lines_not_tls")),
     family("dmq_node_list_size", GAUGE,
            "Nodes in the node list, the local node included.",
            exact("nodes.total")),

@@ -285,6 +285,28 @@ class TLSOnlyTests(SynchronousTestCase):
         self.assertEqual(self.node.bus.counters["in.unknown_channel"], 0)
         self.assertEqual([n.uri for n in self.node.bus.nodes()], [self.node.bus.localNode.uri])
 
+    def test_plainNodesInListsSkipped(self) -> None:
+        """
+        A node list that arrives over TLS and names plain UDP/TCP nodes adds
+        only its C{;transport=tls} nodes (the others counted as
+        C{notification.lines_not_tls}): we never send to a node in clear.
+        """
+        request = self.sender.bus.buildRequest(
+            "notification_peer",
+            target(self.sender, self.node),
+            b"sip:127.0.0.7:5061;transport=tls;status=active\r\n"
+            b"sip:127.0.0.8:5060;status=active\r\n"
+            b"sip:127.0.0.9:5060;transport=tcp;status=active\r\n",
+            "text/plain",
+            1,
+        )
+        self.assertEqual(self.over("tls", request).code, 200)
+        listed = {str(n.uri) for n in self.node.bus.nodes()}
+        self.assertIn("sip:127.0.0.7:5061;transport=tls", listed)
+        self.assertNotIn("sip:127.0.0.8:5060", listed)
+        self.assertNotIn("sip:127.0.0.9:5060;transport=tcp", listed)
+        self.assertEqual(self.node.bus.counters["notification.lines_not_tls"], 2)
+
     def test_checkedFirst(self) -> None:
         """
         The transport is checked before the source network and the

@@ -253,7 +253,7 @@ class NotificationPeer:
                 # node that already knew us from our greeting would not
                 # greet back, and we would never learn it runs dmq-bus
                 self.nodeList.markDMQBus(delivery.node.key)
-            lines = parseNodeLines(delivery.body, self.counters)
+            lines = self._readList(delivery.body)
             self.nodeList.merge(lines)
             self._knockBuried(lines)
             self._runJoinHooks()
@@ -316,6 +316,21 @@ class NotificationPeer:
             if self.nodeList.setStatus(key, NodeStatus.DISABLED) is not None:
                 self.counters["notification.nodes_disabled"] += 1
                 self.log.debug("node {node} disabled: no answer", node=str(node))
+
+    def _readList(self, body: bytes) -> list[NodeLine]:
+        """
+        The lines of a node-list body we may merge: all of them, but with
+        C{tlsOnly} only those of C{;transport=tls} nodes (the others are
+        skipped, counted C{notification.lines_not_tls}), so that a TLS peer
+        that lists a plain node never gets us to send to it in clear.
+        """
+        lines = parseNodeLines(body, self.counters)
+        if not self.bus.config.access.tlsOnly:
+            return lines
+        kept = [line for line in lines if line.key[2] == "tls"]
+        if len(kept) != len(lines):
+            self.counters["notification.lines_not_tls"] += len(lines) - len(kept)
+        return kept
 
     def _knockBuried(self, lines: Iterable[NodeLine]) -> None:
         """
@@ -441,7 +456,7 @@ class NotificationPeer:
         senderKey = nodeKey(sender.uri) if sender is not None else None
         if senderKey is not None:
             self.nodeList.forgive(senderKey)
-        lines = parseNodeLines(message.body, self.counters)
+        lines = self._readList(message.body)
         changed = self.nodeList.merge(lines)
         self._knockBuried(lines)
         if senderKey is not None:
