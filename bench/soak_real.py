@@ -25,6 +25,7 @@ put down to CPU starvation or to the protocol; the machine's CPU pressure
     python bench/soak_real.py                     # 5 nodes, 10 min, 5 % loss, 3 crashes
     python bench/soak_real.py --short             # 1 min, 1 crash
     python bench/soak_real.py --loss 0.10 --minutes 10
+    python bench/soak_real.py --minutes 0 --crashes 20   # crashes only
 
 Exits 1 on any false positive, or any survivor marking a crash later than
 C{--bound} s (or never), saying why.
@@ -50,6 +51,7 @@ from bench._procs import (
     NodeSpec,
     Report,
     parseStats,
+    percentile,
     table,
     writeLine,
 )
@@ -527,8 +529,17 @@ def crashPhase(soak: Soak, args: argparse.Namespace) -> list[str]:
     )
     print(
         "  marked after: first / last survivor; re-formed: from the fresh process's start until "
-        "every node lists every node active and probes it"
+        "every node lists every node active and probes it; node N#k: the process started on "
+        "node N's port after crash k"
     )
+    allMarked = sorted(t for crash in soak.crashes for t in crash.markedAfter())
+    missed = sum(len(c.survivors) - len(c.marked) for c in soak.crashes)
+    if allMarked:
+        print(
+            f"  all crashes: {len(allMarked)} survivor marks, median {percentile(allMarked, 0.5):.2f} s, "
+            f"p90 {percentile(allMarked, 0.9):.2f} s, max {allMarked[-1]:.2f} s; "
+            f"{sum(t > args.bound for t in allMarked)} over {args.bound:g} s, {missed} never"
+        )
     for number, crash in enumerate(soak.crashes, 1):
         print(f"  crash {number}: what each survivor saw of {crash.victim.name}, s after the kill")
         until = crash.restartedAt if crash.restartedAt is not None else math.inf
@@ -583,7 +594,10 @@ def run(args: argparse.Namespace) -> int:
                 f"  formed in {formedAt - seed.process.spawned:.1f} s (every node lists and "
                 f"probes every other); soaking {args.minutes:g} min ...",
             )
-            failures += soakPhase(soak, args)
+            if args.minutes > 0:
+                failures += soakPhase(soak, args)
+            else:
+                soak.watchFrom = time.monotonic()
             if args.crashes:
                 failures += crashPhase(soak, args)
             soak.collectStats()
