@@ -5,8 +5,9 @@ Faults with real dmq-bus node processes on 127.0.0.1 (see L{bench.common}):
      afterwards every survivor holds every key, and so does the restarted
      node (join sync plus heal re-sync);
   2. SIGSTOP of a node for longer than failure detection, then SIGCONT:
-     the others remove it, then list it again, and keys written on both
-     sides meanwhile reach everybody.
+     the others mark it, remove it (it stays stopped until then), then
+     list it again, and keys written on both sides meanwhile reach
+     everybody.
 
 A partition is not run here: a clean 3/2 split of real processes needs
 one address per node and a switch to cut, which bench/partition.py builds
@@ -94,7 +95,16 @@ def stopAndContinue(ports: list[int], logDir: str) -> None:
             )
             disabledAt = time.monotonic() - started
             others[0].call("write away 500 50 100", "written", WAIT)
-            time.sleep(1.0)
+            stoppedURI = f"sip:127.0.0.1:{stopped.port}"
+            waitFor(
+                lambda: all(
+                    stoppedURI not in {entry["uri"] for entry in n.nodes()} for n in others
+                ),
+                WAIT,
+                "stopped node removed",
+                0.2,
+            )
+            removedAt = time.monotonic() - started
         finally:
             os.killpg(stopped.pid, signal.SIGCONT)
         contAt = time.monotonic() - started
@@ -105,7 +115,8 @@ def stopAndContinue(ports: list[int], logDir: str) -> None:
         syncedAt = time.monotonic() - started
         print(
             f"SIGSTOP + SIGCONT: node 3 stopped at 0 s; no longer active on the others at "
-            f"{disabledAt:.2f} s; SIGCONT at {contAt:.2f} s; active everywhere again at "
+            f"{disabledAt:.2f} s; removed from every list at {removedAt:.2f} s; "
+            f"SIGCONT at {contAt:.2f} s; active everywhere again at "
             f"{backAt:.2f} s; 500 keys written while it was stopped + 300 it wrote on "
             f"resuming present on all {NODES} nodes at {syncedAt:.2f} s"
         )
