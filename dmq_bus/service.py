@@ -18,7 +18,7 @@ from dmq_bus.bus.dispatch import BusConfig, DMQBus
 from dmq_bus.bus.notification import NotificationPeer
 from dmq_bus.interfaces import IDMQPeer
 from dmq_bus.sip.transaction import TimerPolicy, TransactionLayer, TransactionLimits
-from dmq_bus.sip.transport import SIPTransportLayer, TransportLimits
+from dmq_bus.sip.transport import SIPTransportLayer, TransportLimits, listenUDP
 from dmq_bus.sip.uri import stripBrackets
 
 if TYPE_CHECKING:
@@ -164,8 +164,9 @@ class DMQService(MultiService):
             if stream
             else self.stack.transport.streamFactory()
         )
-        self._ports.append(
-            udp.listenUDP(
+        self._ports.append(  # one reused receive buffer on a posix reactor (see listenUDP)
+            listenUDP(
+                udp,
                 port,
                 self.stack.transport.datagramProtocol(),
                 interface=host,

@@ -11,15 +11,17 @@ import builtins
 import errno
 import itertools
 import random
+import socket
 from typing import Any, cast
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from twisted.internet import udp
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionRefusedError
-from twisted.internet.interfaces import IUDPTransport
-from twisted.internet.protocol import ClientFactory
+from twisted.internet.interfaces import IReactorUDP, IUDPTransport
+from twisted.internet.protocol import ClientFactory, DatagramProtocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import (
     EventLoggingObserver,
@@ -43,11 +45,13 @@ from dmq_bus.sip.transport import (
     DEFAULT_LIMITS,
     ConnectionLimitReached,
     MessageTooLarge,
+    ReusedBufferUDPPort,
     SIPStreamProtocol,
     SIPTransportLayer,
     TransportLimits,
     TransportNotReady,
     UnsupportedTransport,
+    listenUDP,
     receivedHeaders,
     responseDestination,
 )
@@ -1567,3 +1571,590 @@ class ResponseDestinationShortcutTests(SynchronousTestCase):
         Via.parse("SIP/2.0/UDP 127.0.0.1:15061;branch=z9hG4bKa")
         for via in ("SIP/2.0/UDP 127.0.0.1:15061;branch=x;;a", "SIP/2.0/UDP 127.0.0.1:15061;=x"):
             self.assertRaises(SIPParseError, responseDestination, via)
+
+
+# ---------------------------------------------------------------------------
+# Receiving into one reused buffer (ReusedBufferUDPPort)
+
+
+class _Boom(Exception):
+    """What a protocol raises from C{datagramReceived} in these tests."""
+
+
+BOOM_PORT = 666
+"""Datagrams from this source port make L{_RecordingDatagrams} raise."""
+
+
+class _ScriptedSocket:
+    """
+    A socket whose reads follow C{script}: a C{(data, addr)} datagram or an
+    C{OSError} to raise; then EAGAIN. C{recvfrom} and C{recvfrom_into} give
+    the same datagrams, cut at the size asked for as the kernel cuts them.
+    """
+
+    def __init__(self, script: list[tuple[bytes, Any] | OSError]) -> None:
+        self.script = list(script)
+        self.reads = 0
+
+    def _next(self) -> tuple[bytes, Any]:
+        self.reads += 1
+        if not self.script:
+            raise BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")
+        item = self.script.pop(0)
+        if isinstance(item, OSError):
+            raise item
+        return item
+
+    def recvfrom(self, size: int) -> tuple[bytes, Any]:
+        data, addr = self._next()
+        return data[:size], addr
+
+    def recvfrom_into(self, buffer: bytearray, size: int) -> tuple[int, Any]:
+        if size > len(buffer):
+            raise ValueError("nbytes is greater than the length of the buffer")
+        data, addr = self._next()
+        data = data[:size]
+        buffer[: len(data)] = data
+        return len(data), addr
+
+
+class _RecordingDatagrams(DatagramProtocol):
+    """
+    Records what a port hands up: every datagram as the object received and
+    a copy of its bytes at that moment, and C{connectionRefused} calls.
+    Raises L{_Boom} for datagrams from L{BOOM_PORT}.
+    """
+
+    def __init__(self) -> None:
+        self.events: list[tuple[Any, ...]] = []
+        self.received: list[tuple[bytes, Any]] = []
+        self.snapshots: list[bytearray] = []
+        self.waiters: list[tuple[int, Deferred[None]]] = []
+        self.refused = 0
+
+    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
+        self.received.append((datagram, addr))
+        self.snapshots.append(bytearray(datagram))  # a real copy (bytes(b) is b)
+        self.events.append(("datagram", type(datagram), bytes(datagram), addr))
+        for waiter in [w for w in self.waiters if len(self.received) >= w[0]]:
+            self.waiters.remove(waiter)
+            waiter[1].callback(None)
+        if addr[1] == BOOM_PORT:
+            raise _Boom(f"{len(datagram)} bytes")
+
+    def connectionRefused(self) -> None:
+        self.refused += 1
+        self.events.append(("refused",))
+
+    def waitFor(self, count: int) -> Deferred[None]:
+        """Fires once C{count} datagrams in all have arrived."""
+        d: Deferred[None] = Deferred()
+        if len(self.received) >= count:
+            d.callback(None)
+        else:
+            self.waiters.append((count, d))
+        return d
+
+    def assertIntact(self, case: SynchronousTestCase) -> None:
+        """Every datagram still holds its bytes and is a distinct bytes object."""
+        for (datagram, _), snapshot in zip(self.received, self.snapshots, strict=True):
+            case.assertIs(type(datagram), bytes)
+            case.assertEqual(datagram, bytes(snapshot))
+        nonEmpty = [d for d, _ in self.received if d]  # b"" may be a shared singleton
+        case.assertEqual(len({id(d) for d in nonEmpty}), len(nonEmpty))
+
+
+def _readAll(
+    case: SynchronousTestCase,
+    portClass: type[udp.Port],
+    script: list[tuple[bytes, Any] | OSError],
+    *,
+    interface: str = "127.0.0.1",
+    maxPacketSize: int = 65535,
+    maxThroughput: int | None = None,
+    connected: bool = False,
+) -> tuple[list[tuple[int, int | None]], list[tuple[Any, ...]], int]:
+    """
+    Call C{doRead} of a C{portClass} over C{script} until it is used up:
+    per call the reads made and the errno raised (None: returned); the
+    events handed to the protocol; the failures logged.
+    """
+    protocol = _RecordingDatagrams()
+    port = portClass(0, protocol, interface, maxPacketSize, reactor=Clock())
+    if maxThroughput is not None:
+        port.maxThroughput = maxThroughput
+    sock = _ScriptedSocket(script)
+    port.socket = sock  # type: ignore[assignment]
+    if connected:
+        port._connectedAddr = (interface, 9)
+    calls: list[tuple[int, int | None]] = []
+    while sock.script:
+        before = sock.reads
+        raised: int | None = None
+        try:
+            port.doRead()
+        except OSError as e:
+            raised = e.errno
+        calls.append((sock.reads - before, raised))
+    protocol.assertIntact(case)
+    return calls, protocol.events, len(case.flushLoggedErrors(_Boom))
+
+
+_ERRNOS = [
+    errno.EAGAIN,
+    errno.EWOULDBLOCK,
+    errno.EINTR,
+    errno.ECONNREFUSED,
+    errno.ENOBUFS,
+    errno.EMSGSIZE,
+    errno.ENOMEM,
+]
+
+
+def _datagram(size: int, seed: int, port: int, v6: bool) -> tuple[bytes, Any]:
+    data = random.Random(seed).randbytes(size)
+    return data, ("::1", port, 0, 0) if v6 else ("127.0.0.1", port)
+
+
+_scriptItems = st.one_of(
+    st.tuples(
+        st.sampled_from([0, 1, 2, 999, 1000, 1001, 1472, 8192, 65507, 65535, 70000]),
+        st.integers(0, 2**32),
+        st.sampled_from([5060, 5060, 5060, BOOM_PORT]),
+    ),
+    st.sampled_from(_ERRNOS),
+)
+
+
+class ReusedBufferPortSemanticsTests(SynchronousTestCase):
+    """
+    L{ReusedBufferUDPPort.doRead} does what C{udp.Port.doRead} of the
+    installed Twisted does: both run over the same scripted socket and
+    their calls, results and logged failures are compared.
+    """
+
+    def same(self, script: list[tuple[bytes, Any] | OSError], **kwargs: Any) -> Any:
+        theirs = _readAll(self, udp.Port, script, **kwargs)
+        ours = _readAll(self, ReusedBufferUDPPort, script, **kwargs)
+        self.assertEqual(ours, theirs)
+        return ours
+
+    @settings(max_examples=150, deadline=None)
+    @given(
+        st.lists(_scriptItems, max_size=25),
+        st.booleans(),
+        st.booleans(),
+        st.sampled_from([65535, 1000, 8192]),
+        st.sampled_from([None, 1, 3000, 70000]),
+    )
+    def test_sameAsTwisted(
+        self,
+        items: list[Any],
+        v6: bool,
+        connected: bool,
+        maxPacketSize: int,
+        maxThroughput: int | None,
+    ) -> None:
+        """Any mix of datagrams and errors, IPv4 or IPv6, connected or not."""
+        script: list[tuple[bytes, Any] | OSError] = [
+            OSError(item, "error")
+            if isinstance(item, int)
+            else _datagram(item[0], item[1], item[2], v6)
+            for item in items
+        ]
+        self.same(
+            script,
+            interface="::1" if v6 else "127.0.0.1",
+            connected=connected,
+            maxPacketSize=maxPacketSize,
+            maxThroughput=maxThroughput,
+        )
+
+    def test_throughputBound(self) -> None:
+        """
+        One call reads until at least C{maxThroughput} bytes (256 KiB) are
+        read: six 65,535-byte datagrams take two calls, five (four are 4
+        bytes short of 256 KiB), then one and the EAGAIN that ends it.
+        """
+        script: list[tuple[bytes, Any] | OSError] = [
+            _datagram(65535, i, 5060, False) for i in range(6)
+        ]
+        calls, events, _ = self.same(script)
+        self.assertEqual(calls, [(5, None), (2, None)])
+        self.assertEqual(len(events), 6)
+        # exactly at the bound: two 1,000-byte datagrams end a 2,000-byte call
+        script = [_datagram(1000, i, 5060, False) for i in range(3)]
+        calls, _, _ = self.same(script, maxThroughput=2000)
+        self.assertEqual(calls, [(2, None), (2, None)])
+
+    def test_ignoredErrorsEndTheCall(self) -> None:
+        """EAGAIN, EWOULDBLOCK and EINTR end the call quietly; the next one goes on."""
+        script: list[tuple[bytes, Any] | OSError] = []
+        for number in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR):
+            script += [_datagram(10, number, 5060, False), OSError(number, "x")]
+        calls, events, _ = self.same(script)
+        self.assertEqual(calls, [(2, None)] * 3)
+        self.assertEqual([e[0] for e in events], ["datagram"] * 3)
+
+    def test_refused(self) -> None:
+        """
+        ECONNREFUSED ends the call; a connected port also tells its protocol
+        (C{connectionRefused}), an unconnected one does not.
+        """
+        script: list[tuple[bytes, Any] | OSError] = [
+            OSError(errno.ECONNREFUSED, "refused"),
+            _datagram(5, 1, 5060, False),
+        ]
+        _, events, _ = self.same(script, connected=True)
+        self.assertEqual([e[0] for e in events], ["refused", "datagram"])
+        _, events, _ = self.same(script, connected=False)
+        self.assertEqual([e[0] for e in events], ["datagram"])
+
+    def test_otherErrorsRaised(self) -> None:
+        """Any other socket error is raised to the reactor, as Twisted does."""
+        script: list[tuple[bytes, Any] | OSError] = [
+            _datagram(5, 1, 5060, False),
+            OSError(errno.ENOBUFS, "No buffer space available"),
+            _datagram(6, 2, 5060, False),
+        ]
+        calls, _, _ = self.same(script)
+        self.assertEqual(calls, [(2, errno.ENOBUFS), (2, None)])
+
+    def test_protocolErrorLoggedAndNextRead(self) -> None:
+        """
+        An exception from C{datagramReceived} is logged, and the next
+        datagram is read in the same call.
+        """
+        script: list[tuple[bytes, Any] | OSError] = [
+            _datagram(5, 1, BOOM_PORT, False),
+            _datagram(6, 2, 5060, False),
+        ]
+        calls, events, logged = self.same(script)
+        self.assertEqual(calls, [(3, None)])
+        self.assertEqual([e[2] for e in events], [script[0][0], script[1][0]])  # type: ignore[index]
+        self.assertEqual(logged, 1)
+
+    def test_ipv6AddressShortened(self) -> None:
+        """An IPv6 source is handed up as (host, port), as Twisted does."""
+        _, events, _ = self.same([_datagram(3, 1, 5060, True)], interface="::1")
+        self.assertEqual(events[0][3], ("::1", 5060))
+
+    def test_longDatagramCut(self) -> None:
+        """A datagram longer than C{maxPacketSize} arrives cut at that size."""
+        data, addr = _datagram(1500, 7, 5060, False)
+        _, events, _ = self.same([(data, addr)], maxPacketSize=1000)
+        self.assertEqual(events, [("datagram", bytes, data[:1000], addr)])
+
+    def test_bufferFollowsMaxPacketSize(self) -> None:
+        """
+        A C{maxPacketSize} changed after the port was made is followed (as
+        C{udp.Port} reads with it each time): the buffer is remade once.
+        """
+        protocol = _RecordingDatagrams()
+        port = ReusedBufferUDPPort(0, protocol, "127.0.0.1", 1000, reactor=Clock())
+        data, addr = _datagram(3000, 1, 5060, False)
+        port.socket = _ScriptedSocket([(data, addr), (data, addr)])  # type: ignore[assignment]
+        port.maxThroughput = 1
+        port.doRead()
+        port.maxPacketSize = 2000
+        port.doRead()
+        self.assertEqual([d for d, _ in protocol.received], [data[:1000], data[:2000]])
+        self.assertEqual(len(port._readBuffer), 2000)
+
+
+class ListenUDPTests(SynchronousTestCase):
+    """
+    L{transportModule.listenUDP} uses L{ReusedBufferUDPPort} only where
+    the reactor's own C{listenUDP} would make a C{udp.Port}.
+    """
+
+    def test_memoryReactor(self) -> None:
+        """An in-memory reactor (no posix reactor) listens its own way."""
+
+        class MemoryUDPReactor(MemoryReactor):
+            def __init__(self) -> None:
+                super().__init__()
+                self.udpPorts: dict[int, tuple[Any, ...]] = {}
+
+            def listenUDP(
+                self, port: int, protocol: Any, interface: str = "", maxPacketSize: int = 8192
+            ) -> Any:
+                self.udpPorts[port] = (protocol, interface, maxPacketSize)
+                return "listening"
+
+        reactor = MemoryUDPReactor()
+        protocol = DatagramProtocol()
+        port = listenUDP(
+            cast(IReactorUDP, reactor), 5060, protocol, interface="127.0.0.1", maxPacketSize=65535
+        )
+        self.assertEqual(port, "listening")
+        self.assertEqual(reactor.udpPorts, {5060: (protocol, "127.0.0.1", 65535)})
+
+    def test_wrappedReactor(self) -> None:
+        """A reactor whose C{listenUDP} is its own (a wrapper) is asked."""
+        calls: list[tuple[Any, ...]] = []
+
+        class Wrapper:
+            def listenUDP(self, *args: Any, **kwargs: Any) -> Any:
+                calls.append((args, kwargs))
+                return "listening"
+
+        protocol = DatagramProtocol()
+        result = listenUDP(cast(Any, Wrapper()), 5060, protocol, "127.0.0.1", 1000)
+        self.assertEqual(result, "listening")
+        self.assertEqual(
+            calls, [((5060, protocol), {"interface": "127.0.0.1", "maxPacketSize": 1000})]
+        )
+
+    def test_posixReactorOverridingListenUDP(self) -> None:
+        """A posix reactor that overrides C{listenUDP} keeps its override."""
+        from twisted.internet.selectreactor import SelectReactor
+
+        calls: list[int] = []
+
+        class Overriding(SelectReactor):
+            def listenUDP(self, port: int, *args: Any, **kwargs: Any) -> Any:
+                calls.append(port)
+                return "listening"
+
+        reactor = Overriding.__new__(Overriding)  # no waker: only listenUDP is used
+        self.assertEqual(listenUDP(reactor, 5070, DatagramProtocol()), "listening")
+        self.assertEqual(calls, [5070])
+
+
+def _forcedReceiveBuffer(port: Any, size: int = 4 * 1024 * 1024) -> int:
+    """Ask for a C{size} receive buffer as the node does; the bytes usable."""
+    sock = port.socket
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) < size:
+            sock.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_RCVBUFFORCE", 33), size)
+    except OSError:
+        pass
+    return int(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF))
+
+
+def _ipv6Loopback() -> None:
+    """Raise C{SkipTest} unless a UDP socket can be bound on ::1."""
+    from twisted.trial.unittest import SkipTest
+
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+            s.bind(("::1", 0))
+    except OSError as e:
+        raise SkipTest(f"no IPv6 loopback (::1) on this machine: {e}") from e
+
+
+class ReusedBufferPortRealSocketTests(TestCase):
+    """L{ReusedBufferUDPPort} over real sockets, from the global reactor."""
+
+    timeout = 60
+
+    def listen(
+        self, interface: str = "127.0.0.1", maxPacketSize: int = 65535
+    ) -> tuple[Any, _RecordingDatagrams]:
+        from twisted.internet import reactor
+
+        protocol = _RecordingDatagrams()
+        port = listenUDP(
+            cast(IReactorUDP, reactor), 0, protocol, interface, maxPacketSize=maxPacketSize
+        )
+        self.addCleanup(port.stopListening)
+        self.assertIsInstance(port, ReusedBufferUDPPort)
+        return port, protocol
+
+    def sender(self, family: int = socket.AF_INET) -> socket.socket:
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        self.addCleanup(sock.close)
+        sock.bind(("::1" if family == socket.AF_INET6 else "127.0.0.1", 0))
+        return sock
+
+    async def sendAll(
+        self,
+        sock: socket.socket,
+        port: Any,
+        protocol: _RecordingDatagrams,
+        datagrams: list[bytes],
+    ) -> None:
+        """
+        Send C{datagrams} in windows that fit the port's receive buffer
+        (none may be lost), each window read while the next waits.
+        """
+        window = max(1, _forcedReceiveBuffer(port) // 4)  # Linux reports twice; skb overhead
+        destination = port.getHost()
+        start = len(protocol.received)
+        sent = 0
+        while sent < len(datagrams):
+            size = 0
+            first = sent
+            while sent < len(datagrams) and (sent == first or size + len(datagrams[sent]) < window):
+                size += len(datagrams[sent])
+                sock.sendto(datagrams[sent], (destination.host, destination.port))
+                sent += 1
+            await protocol.waitFor(start + sent)
+
+    def check(self, protocol: _RecordingDatagrams, datagrams: list[bytes], source: Any) -> None:
+        self.assertEqual(len(protocol.received), len(datagrams))
+        for index, ((data, addr), expected) in enumerate(zip(protocol.received, datagrams)):
+            self.assertIs(type(data), bytes, index)
+            self.assertEqual(len(data), len(expected), index)
+            self.assertTrue(data == expected, f"datagram {index} of {len(expected)} bytes differs")
+            self.assertEqual(addr, source)
+        protocol.assertIntact(self)
+
+    def datagrams(self, seed: int, count: int) -> list[bytes]:
+        rng = random.Random(seed)
+        sizes = [*range(1, 65), 1472, 1473, 8191, 8192, 8193, 65506, 65507]
+        sizes += [rng.randint(1, 65507) for _ in range(count)]
+        sizes += [rng.randint(1, 1500) for _ in range(count)]
+        rng.shuffle(sizes)
+        return [rng.randbytes(size) for size in sizes]
+
+    def test_manySizesIntactInOrder(self) -> Deferred[None]:
+        """
+        Datagrams of 1 to 65,507 bytes (the largest over IPv4) arrive whole,
+        in order, each once, as distinct bytes objects that later reads
+        leave alone.
+        """
+        port, protocol = self.listen()
+        sock = self.sender()
+        datagrams = self.datagrams(1, 300)
+
+        async def run() -> None:
+            await self.sendAll(sock, port, protocol, datagrams)
+            self.check(protocol, datagrams, sock.getsockname())
+
+        return Deferred.fromCoroutine(run())
+
+    def test_ipv6(self) -> Deferred[None]:
+        """Over ::1 as over 127.0.0.1; the source is handed up as (host, port)."""
+        _ipv6Loopback()
+        port, protocol = self.listen("::1")
+        sock = self.sender(socket.AF_INET6)
+        datagrams = self.datagrams(2, 50)
+
+        async def run() -> None:
+            await self.sendAll(sock, port, protocol, datagrams)
+            self.check(protocol, datagrams, sock.getsockname()[:2])
+
+        return Deferred.fromCoroutine(run())
+
+    def test_protocolErrorDoesNotStopThePort(self) -> Deferred[None]:
+        """
+        A protocol raising from C{datagramReceived} gets the next datagram;
+        the failure is logged.
+        """
+        from twisted.internet import reactor
+
+        protocol = _RecordingDatagrams()
+        port: Any = listenUDP(cast(IReactorUDP, reactor), 0, protocol, "127.0.0.1", 65535)
+        self.addCleanup(port.stopListening)
+
+        def raising(datagram: bytes, addr: Any) -> None:
+            _RecordingDatagrams.datagramReceived(protocol, datagram, addr)
+            if datagram == b"boom":
+                raise _Boom("boom")
+
+        protocol.datagramReceived = raising  # type: ignore[method-assign]
+        sock = self.sender()
+        destination = ("127.0.0.1", port.getHost().port)
+        sock.sendto(b"boom", destination)
+
+        async def run() -> None:
+            await protocol.waitFor(1)
+            sock.sendto(b"after", destination)
+            await protocol.waitFor(2)
+            self.assertEqual([d for d, _ in protocol.received], [b"boom", b"after"])
+            self.assertEqual(len(self.flushLoggedErrors(_Boom)), 1)
+            self.assertTrue(port.connected)
+
+        return Deferred.fromCoroutine(run())
+
+    def test_longDatagramCutAsBefore(self) -> Deferred[None]:
+        """
+        With a C{maxPacketSize} below a datagram, this port and Twisted's
+        both hand up its first C{maxPacketSize} bytes.
+        """
+        from twisted.internet import reactor
+
+        ours, ourProtocol = self.listen(maxPacketSize=1000)
+        theirProtocol = _RecordingDatagrams()
+        theirs = cast(Any, reactor).listenUDP(
+            0, theirProtocol, interface="127.0.0.1", maxPacketSize=1000
+        )
+        self.addCleanup(theirs.stopListening)
+        sock = self.sender()
+        datagrams = [random.Random(size).randbytes(size) for size in (999, 1000, 1001, 65507)]
+        for port in (ours, theirs):
+            for datagram in datagrams:
+                sock.sendto(datagram, ("127.0.0.1", port.getHost().port))
+
+        async def run() -> None:
+            await ourProtocol.waitFor(4)
+            await theirProtocol.waitFor(4)
+            expected = [d[:1000] for d in datagrams]
+            self.assertEqual([d for d, _ in ourProtocol.received], expected)
+            self.assertEqual([d for d, _ in theirProtocol.received], expected)
+
+        return Deferred.fromCoroutine(run())
+
+    def test_refusedOnAConnectedPort(self) -> Deferred[None]:
+        """
+        As Twisted's port does: an ICMP refusal of a connected port's
+        datagram, read while a datagram waits, reaches C{connectionRefused};
+        the waiting datagram is read next and the port stays open. (Without
+        a waiting datagram the epoll reactor sees the error alone and closes
+        either port.)
+        """
+        import time
+
+        from twisted.internet import reactor
+
+        ours, ourProtocol = self.listen()
+        theirProtocol = _RecordingDatagrams()
+        theirs = cast(Any, reactor).listenUDP(0, theirProtocol, interface="127.0.0.1")
+        self.addCleanup(theirs.stopListening)
+        for port in (ours, theirs):
+            port.stopReading()
+            peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            peer.bind(("127.0.0.1", 0))
+            port.connect("127.0.0.1", peer.getsockname()[1])
+            peer.sendto(b"waiting", ("127.0.0.1", port.getHost().port))
+            peer.close()
+            port.write(b"refused")
+        time.sleep(0.05)  # the ICMP error is queued on both sockets
+        for port in (ours, theirs):
+            port.startReading()
+
+        async def run() -> None:
+            await ourProtocol.waitFor(1)
+            await theirProtocol.waitFor(1)
+            for protocol, port in ((ourProtocol, ours), (theirProtocol, theirs)):
+                self.assertEqual([e[0] for e in protocol.events], ["refused", "datagram"])
+                self.assertEqual(protocol.received[0][0], b"waiting")
+                self.assertTrue(port.connected)
+
+        return Deferred.fromCoroutine(run())
+
+    def test_node(self) -> Deferred[None]:
+        """
+        A node listens through L{ReusedBufferUDPPort} with a 65,535-byte
+        buffer and still enlarges its socket buffers (4 MiB).
+        """
+        from twisted.internet import reactor
+
+        from dmq_bus.bus.dispatch import BusConfig
+        from dmq_bus.service import DMQService, NodeConfig
+        from dmq_bus.sip.uri import SIPURI
+        from tests.interop.kamailio import allocatePorts
+
+        [number] = allocatePorts(1)
+        config = BusConfig(serverAddress=SIPURI.parse(f"sip:127.0.0.1:{number}"))
+        service = DMQService(NodeConfig(bus=config), reactor)
+        service.startService()
+        port = service._ports[0]
+        assert isinstance(port, ReusedBufferUDPPort)
+        self.assertEqual(len(port._readBuffer), 65535)
+        self.assertEqual(port.maxPacketSize, 65535)
+        self.assertGreaterEqual(service.stack.stats()["udp.receive_buffer"], 4 * 1024 * 1024)
+        return service.stopService()
