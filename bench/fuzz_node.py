@@ -460,7 +460,9 @@ class NodeMemoryReport:
         self.reactor = reactor
         self.path = path
         self.start = time.monotonic()
-        self.stack = next((s.stack for s in service if hasattr(s, "stack")), None)
+        node = next((s for s in service if hasattr(s, "stack")), None)
+        self.stack = getattr(node, "stack", None)
+        self.ports = list(getattr(node, "_ports", ()))
         self.heavyWanted = False
 
     def install(self) -> None:
@@ -471,7 +473,27 @@ class NodeMemoryReport:
 
         signal.signal(signal.SIGUSR1, askHeavy)
         signal.signal(signal.SIGUSR2, askHeavy)
+        self.writePorts()
         LoopingCall(self.writeLight).start(1.0)
+
+    def writePorts(self) -> None:
+        """
+        The class of each listening port and the size of the buffer a UDP
+        port reads every datagram into (L{ReusedBufferUDPPort}: one per
+        port; C{udp.Port}: a new bytes object of C{maxPacketSize} per read).
+        """
+        self._write(
+            {
+                "kind": "ports",
+                "ports": [
+                    [
+                        f"{type(p).__module__.rsplit('.', 1)[-1]}.{type(p).__qualname__}",
+                        len(getattr(p, "_readBuffer", b"")) or None,
+                    ]
+                    for p in self.ports
+                ],
+            }
+        )
 
     def _write(self, record: dict[str, Any]) -> None:
         record["t"] = round(time.monotonic() - self.start, 2)
@@ -576,43 +598,7 @@ class NodeMemoryReport:
         self._write(record)
 
 
-def _receiveIntoOneBuffer() -> None:
-    """
-    An experiment (C{--recv-into}): Twisted's UDP port reads each datagram
-    with C{recvfrom(65535)}, which mallocs 64 KiB and shrinks the block to
-    the datagram; between longer-lived blocks, those leftovers grow glibc's
-    heap far past what is in use. Read into one reused buffer instead and
-    copy out the datagram's bytes only (what the transport could do).
-    """
-    from twisted.internet import udp
-    from twisted.python import log
-
-    buffer = bytearray(65536)
-    view = memoryview(buffer)
-
-    def doRead(self: Any) -> None:
-        read = 0
-        while read < self.maxThroughput:
-            try:
-                size, addr = self.socket.recvfrom_into(buffer, self.maxPacketSize)
-            except OSError as e:
-                if e.args[0] in udp._sockErrReadIgnore or e.args[0] in udp._sockErrReadRefuse:
-                    return
-                raise
-            read += size
-            if self.addressFamily == socket.AF_INET6:
-                addr = addr[:2]
-            try:
-                self.protocol.datagramReceived(bytes(view[:size]), addr)
-            except BaseException:
-                log.err()
-
-    setattr(udp.Port, "doRead", doRead)  # noqa: B010
-
-
-def runNode(
-    reportPath: str, tracemallocFrames: int, recvInto: bool, twistArguments: list[str]
-) -> None:
+def runNode(reportPath: str, tracemallocFrames: int, twistArguments: list[str]) -> None:
     """Run the node as C{twist} does, with a L{NodeMemoryReport} in its process."""
     import tracemalloc
 
@@ -620,8 +606,6 @@ def runNode(
 
     if tracemallocFrames:
         tracemalloc.start(tracemallocFrames)
-    if recvInto:
-        _receiveIntoOneBuffer()
 
     options = Twist.options(["twist", *twistArguments])
     reactor = options["reactor"]
@@ -885,7 +869,6 @@ def startNode(
     logPath: str,
     reportPath: str,
     tracemallocFrames: int = 0,
-    recvInto: bool = False,
 ) -> subprocess.Popen[bytes]:
     """The node, run as C{twist dmq} is, with its memory report (L{runNode})."""
     command = [
@@ -894,7 +877,6 @@ def startNode(
         "--run-node",
         reportPath,
         str(tracemallocFrames),
-        "1" if recvInto else "0",
         "dmq",
         "--server-address",
         f"sip:{HOST}:{port}",
@@ -941,7 +923,7 @@ def fuzz(args: argparse.Namespace, loopbackOnly: bool) -> int:
     workdir = tempfile.mkdtemp(prefix="dmq-fuzz-")
     logPath = os.path.join(workdir, "node.log")
     reportPath = args.memory_log or os.path.join(workdir, "memory.jsonl")
-    node = startNode(port, controlPort, logPath, reportPath, args.tracemalloc, args.recv_into)
+    node = startNode(port, controlPort, logPath, reportPath, args.tracemalloc)
     try:
         return _run(args, node, port, controlPort, loopbackOnly, logPath, reportPath)
     finally:
@@ -1155,6 +1137,7 @@ def _run(
                 else "-"
             ),
         ),
+        ("node listening ports", _portsLine(readReport(reportPath, "ports"))),
         ("RSS after start-up", f"{baseline / 1024:.1f} MiB"),
         ("RSS at half-way", f"{half / 1024:.1f} MiB"),
         ("RSS max", f"{peak / 1024:.1f} MiB"),
@@ -1211,6 +1194,16 @@ def _run(
             out("\nnode log tail:\n" + log.read()[-3000:].decode("utf-8", "replace") + "\n")
     vital = alive and finalUDP == 200 and finalTCP == 200
     return 0 if vital and all(ok for _, ok in checks) else 1
+
+
+def _portsLine(records: list[dict[str, Any]]) -> str:
+    """The node's listening ports (L{NodeMemoryReport.writePorts}) on one line."""
+    if not records:
+        return "-"
+    return ", ".join(
+        name if size is None else f"{name} (reads into one {size:,}-byte buffer)"
+        for name, size in records[0]["ports"]
+    )
 
 
 def readReport(path: str, kind: str) -> list[dict[str, Any]]:
@@ -1518,7 +1511,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:
         argv = sys.argv[1:]
     if argv[:1] == ["--run-node"]:  # the node process itself (see startNode)
-        runNode(argv[1], int(argv[2]), argv[3] == "1", argv[4:])
+        runNode(argv[1], int(argv[2]), argv[3:])
         return 0
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--count", type=int, default=1_000_000, help="inputs to send")
@@ -1532,8 +1525,8 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=320,
         help="MiB of RSS growth allowed (default: what the completed-transaction table holds"
-        " at ~5,000 answered requests/s, ~90 MiB, with the allocators' retention, ~230 MiB:"
-        " see the memory report)",
+        " at ~5,000 answered requests/s, ~90 MiB, with the allocators' retention, ~120 MiB"
+        " (~175 before the node read UDP into one buffer): see the memory report)",
     )
     parser.add_argument(
         "--quiet",
@@ -1546,11 +1539,6 @@ def main(argv: list[str] | None = None) -> int:
         dest="entry_sizes",
         action="store_false",
         help="do not measure the bytes per transaction record (15 s of CPU in the quiet period)",
-    )
-    parser.add_argument(
-        "--recv-into",
-        action="store_true",
-        help="experiment: the node's UDP port reads into one reused buffer (see _receiveIntoOneBuffer)",
     )
     parser.add_argument(
         "--memory-log", metavar="PATH", help="keep the node's memory readings (JSON lines) there"
