@@ -61,7 +61,7 @@ LAG_INTERVAL = 0.1
 """Seconds between two ticks of each node's lag probe."""
 
 CONTEXT = 5.0
-"""Seconds either side of a false positive whose events are printed with it."""
+"""Seconds either side of a false positive, and before a crash, whose events are printed."""
 
 
 def cpuPressure() -> float | None:
@@ -548,13 +548,16 @@ def crashPhase(soak: Soak, args: argparse.Namespace) -> list[str]:
             f"{sum(t > args.bound for t in allMarked)} over {args.bound:g} s, {missed} never"
         )
     for number, crash in enumerate(soak.crashes, 1):
-        print(f"  crash {number}: what each survivor saw of {crash.victim.name}, s after the kill")
+        print(
+            f"  crash {number}: what each survivor saw of {crash.victim.name}, s after the kill "
+            "(from 5 s before: a suspicion may have begun before the kill)"
+        )
         until = crash.restartedAt if crash.restartedAt is not None else math.inf
         for m in crash.survivors:
             saw = [
                 (t, what)
                 for t, what, port in m.health
-                if port == crash.victim.port and crash.killedAt <= t < until
+                if port == crash.victim.port and crash.killedAt - CONTEXT <= t < until
             ]
             mark = crash.marked.get(m.port)
             if mark is not None:
