@@ -365,7 +365,8 @@ def soakPhase(soak: Soak, args: argparse.Namespace) -> list[str]:
 
     print(
         f"soak: {len(alive)} dmq-bus node processes on 127.0.0.1, default settings, "
-        f"{ran / 60:.2f} minutes at {args.loss:.0%} loss each way on every UDP datagram"
+        f"{ran / 60:.2f} minutes at {args.loss:.0%} loss each way on every UDP datagram "
+        f"(sender and receiver each drop: {1 - (1 - args.loss) ** 2:.2%} lost end to end)"
     )
     if pressure0 is not None and pressure1 is not None:
         print(
