@@ -7,8 +7,7 @@ from __future__ import annotations
 
 import functools
 from collections import Counter
-from collections.abc import Callable, Hashable, Iterable
-from typing import Generic, TypeVar
+from collections.abc import Callable, Iterable
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
@@ -23,6 +22,7 @@ from dmq_bus.bus.values import (
     isIPLiteral,
     nodeKey,
 )
+from dmq_bus.deadlines import Deadlines
 from dmq_bus.sip.errors import SIPParseError
 from dmq_bus.sip.uri import SIPURI
 
@@ -107,50 +107,6 @@ def _parse(body: bytes) -> tuple[tuple[NodeLine, ...], int]:
                 continue
         out.append(NodeLine(uri=uri, status=status))
     return tuple(out), bad
-
-
-_K = TypeVar("_K", bound=Hashable)
-
-
-class Deadlines(Generic[_K]):
-    """
-    Keys that each count until a clock time, then are as good as absent.
-    An expired key is deleted when it is looked up, and every expired one
-    when the dict has doubled since the last sweep (amortised O(1)): keys
-    never looked up again do not pile up. It holds about the keys set
-    within one delay, whatever the number ever set.
-    """
-
-    FIRST_SWEEP = 64
-    """Keys held before the first sweep."""
-
-    def __init__(self) -> None:
-        self._until: dict[_K, float] = {}
-        self._sweepAt = self.FIRST_SWEEP
-
-    def __len__(self) -> int:
-        return len(self._until)
-
-    def set(self, key: _K, until: float, now: float) -> None:
-        """C{key} counts until clock time C{until}; C{now} is the clock's time."""
-        entries = self._until
-        entries[key] = until
-        if len(entries) >= self._sweepAt:
-            for expired in [k for k, end in entries.items() if end <= now]:
-                del entries[expired]
-            self._sweepAt = max(self.FIRST_SWEEP, 2 * len(entries))
-
-    def get(self, key: _K, now: float) -> float | None:
-        """The time until which C{key} counts, or None when absent or over."""
-        until = self._until.get(key)
-        if until is not None and until <= now:
-            del self._until[key]
-            return None
-        return until
-
-    def pop(self, key: _K) -> None:
-        """Forget C{key}."""
-        self._until.pop(key, None)
 
 
 class NodeList:

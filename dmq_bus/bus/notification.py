@@ -23,7 +23,7 @@ from dmq_bus.bus.health import (
     isDMQBusName,
     isHealthMessage,
 )
-from dmq_bus.bus.nodelist import Deadlines, NodeLine, parseNodeLines
+from dmq_bus.bus.nodelist import NodeLine, parseNodeLines
 from dmq_bus.bus.values import (
     Delivery,
     DeliveryFailed,
@@ -36,6 +36,7 @@ from dmq_bus.bus.values import (
     PeerResponse,
     nodeKey,
 )
+from dmq_bus.deadlines import Deadlines
 from dmq_bus.interfaces import IDMQPeer
 from dmq_bus.sip.errors import SIPParseError
 from dmq_bus.sip.uri import SIPURI

@@ -41,7 +41,6 @@ from twisted.plugin import IPlugin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from dmq_bus.bus.nodelist import Deadlines
 from dmq_bus.bus.values import (
     BroadcastResult,
     Delivery,
@@ -53,6 +52,7 @@ from dmq_bus.bus.values import (
     NodeStatus,
     PeerResponse,
 )
+from dmq_bus.deadlines import Deadlines
 from dmq_bus.interfaces import (
     IDMQBus,
     IDMQPeer,
