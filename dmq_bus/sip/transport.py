@@ -1297,9 +1297,8 @@ class SIPStreamProtocol(Protocol):
         self.close()
 
     def _cancelIdleTimer(self) -> None:
-        timer, self._idleTimer = self._idleTimer, None
-        if timer is not None and timer.active():
-            timer.cancel()
+        _cancel(self._idleTimer)
+        self._idleTimer = None
 
 
 @implementer(IHandshakeListener)
