@@ -185,8 +185,11 @@ class TLSHTableInteropTests(_TLSBus, test_interop_htable.HTableInteropTests):
     def kamailio(self, port: int, seed: int | None = None) -> KamailioNode:
         return self.kamailioTLS(port, seed, config=self.tlsConfig)
 
+    access = AccessPolicy()
+    """The dmq-bus nodes' access policy."""
+
     def dmqBus(self, port: int, seed: int | None = None) -> tuple[DMQService, HTablePeer]:
-        service = self.tlsService(port, seed)
+        service = self.tlsService(port, seed, access=self.access)
         peer = HTablePeer(service.bus, self.clock, test_interop_htable.SPECS)
         service.bus.registerPeer(peer)
         self.started(service)
@@ -200,12 +203,10 @@ class TLSOnlyHTableInteropTests(TLSHTableInteropTests):
     Kamailio's tls module sends arrives over TLS, so nothing is refused.
     """
 
+    access = AccessPolicy(tlsOnly=True)
+
     def dmqBus(self, port: int, seed: int | None = None) -> tuple[DMQService, HTablePeer]:
-        service = self.tlsService(port, seed, access=AccessPolicy(tlsOnly=True))
-        peer = HTablePeer(service.bus, self.clock, test_interop_htable.SPECS)
-        service.bus.registerPeer(peer)
-        self.started(service)
-        self.addCleanup(peer.stop)
+        service, peer = super().dmqBus(port, seed)
         self.addCleanup(self.nothingRefused, service)
         return service, peer
 
